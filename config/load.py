@@ -1,0 +1,581 @@
+"""YAML -> Config: explicit per-section constructors that collect every error.
+
+Each section converts the keys that are present (types, durations, sizes,
+addresses) with the converter named for that key, then hands the values to the section's dataclass,
+whose ``__post_init__`` checks the invariants. A key that fails to convert is
+left out, so its default stands in and the rest of the section is still
+checked; the section itself is then reported as failed. Nothing is raised until
+the whole document has been walked: one ConfigError lists every problem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from .schema import (
+    AdminConfig,
+    Config,
+    ConfigError,
+    DrainConfig,
+    GatesConfig,
+    HealthCheckConfig,
+    HostPort,
+    LimitsConfig,
+    PoolConfig,
+    RollbackConfig,
+    RoutingConfig,
+    SmokeProbe,
+    StateConfig,
+    TargetConfig,
+    TimeoutsConfig,
+    UpstreamsConfig,
+    WarmupConfig,
+    WebSocketConfig,
+)
+
+T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h)")
+_DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_SIZE = re.compile(r"([0-9]+)\s*([A-Za-z]*)")
+# Binary multiples only (nginx's k/m/g mean the same); KB/MB/GB are refused as ambiguous.
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+}
+_HOST_PORT_HINT = 'expected "host:port" like 0.0.0.0:8080 (IPv6 as "[::1]:8080")'
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it in YAML, short enough for one error line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"  # e.g. a date: YAML reads 2024-01-01 as one
+
+
+# --- scalar parsers (public ones are used by the CLI/demo too) -------------------------------
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like "250ms", "30s", "5m", "1h", "1.5s", "1m30s"."""
+    error = ValueError(
+        f"expected a duration like 5s, 250ms or a number of seconds, got {_show(value)}"
+    )
+    if isinstance(value, bool):  # YAML `yes` is a bool, and bool is an int subclass
+        raise error
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise error
+        return float(value)
+    if not isinstance(value, str):
+        raise error
+    text = value.strip()
+    if _PLAIN_NUMBER.fullmatch(text):  # a quoted "5" is still seconds
+        return float(text)
+    if not _DURATION.fullmatch(text):
+        raise error
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an integer or a string like "512B", "64KiB", "10MiB", "1GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    hint = ""
+    if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+        unit = match[2].lower()
+        if unit in _SIZE_UNITS:
+            return int(match[1]) * _SIZE_UNITS[unit]
+        if unit in ("kb", "mb", "gb"):
+            hint = " (KB/MB/GB are ambiguous: write KiB/MiB/GiB)"
+    raise ValueError(
+        f"expected a size like 64KiB, 10MiB or a number of bytes, got {_show(value)}{hint}"
+    )
+
+
+def _split_host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    """Split "host:port" / "[v6]:port"; the port may be absent only with a default."""
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("unclosed '[' in an IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"not an IPv6 address in brackets: {host!r}") from None
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"unexpected {rest!r} after ']'")
+        port_text = rest[1:] if rest else None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, None
+        if ":" in host:
+            raise ValueError("an IPv6 address needs brackets")
+    if not host:
+        raise ValueError("missing host")
+    if not port_text:  # RFC 3986: an empty port means the scheme's default
+        if default_port is None:
+            raise ValueError("missing port")
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"port is not a number: {port_text!r}")
+    return host, int(port_text)
+
+
+def parse_host_port(value: object) -> HostPort:
+    """A listen address "host:port" ("[::1]:8080" for IPv6); port 0 = any free port."""
+    if not isinstance(value, str):
+        raise ValueError(f"{_HOST_PORT_HINT}, got {_show(value)}")
+    try:
+        host, port = _split_host_port(value.strip(), None)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {_HOST_PORT_HINT}, got {_show(value)}") from None
+    return HostPort(host, port)  # its own ValueError ("port out of range") is already clear
+
+
+def parse_target(value: object) -> TargetConfig:
+    """An upstream target "http://host[:port]" (port 80 by default), normalized."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL like http://127.0.0.1:9001, got {_show(value)}")
+    text = value.strip()
+    if "://" not in text:
+        raise ValueError(f"expected a URL like http://127.0.0.1:9001, got {_show(value)}")
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. a bad IPv6 literal
+        raise ValueError(f"not a valid URL ({exc}): {_show(value)}") from None
+    if parts.scheme != "http":  # urlsplit lowercases the scheme
+        raise ValueError(f"only http:// targets are supported, got {_show(value)}")
+    if "@" in parts.netloc:
+        raise ValueError("credentials in a target URL are not supported")
+    if parts.path not in ("", "/"):
+        raise ValueError(f"a target is a host and port only, without a path: got {parts.path!r}")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError("a target URL takes no query or fragment")
+    host, port = _split_host_port(parts.netloc, 80)
+    host = host.lower()  # DNS names are case-insensitive; keeps duplicate checks honest
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return TargetConfig(url=f"http://{hostport}", host=host, port=port)
+
+
+def parse_network(value: object) -> IPNetwork:
+    """A CIDR ("10.0.0.0/8") or a bare address (a /32 or /128); host bits are masked."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            pass
+    raise ValueError(
+        f"not an IP network: expected a CIDR like 10.0.0.0/8 or an address, got {_show(value)}"
+    )
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"expected true or false, got {_show(value)}")
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"expected a whole number, got {_show(value)}")
+
+
+def _number(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise ValueError(f"expected a number, got {_show(value)}")
+
+
+def _str(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(f"expected a string, got {_show(value)}")
+
+
+def _optional(convert: Callable[[object], T]) -> Callable[[object], T | None]:
+    """For keys where null is meaningful (hide a header, no token, unlimited)."""
+
+    def convert_or_none(value: object) -> T | None:
+        return None if value is None else convert(value)
+
+    return convert_or_none
+
+
+# --- walking the document ------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _unknown_key(key: object, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return f"unknown key (expected one of: {', '.join(known)})"
+
+
+_Builder = Callable[[list[str], str, object], object | None]
+
+
+class _Section:
+    """One YAML mapping on its way to a dataclass: converted kwargs plus errors."""
+
+    def __init__(self, errors: list[str], path: str, data: object, keys: Sequence[str]) -> None:
+        self.errors = errors
+        self.path = path
+        self.kwargs: dict[str, Any] = {}
+        self.values: dict[str, object] = {}
+        self.ok = True
+        if data is None:  # a section whose keys are all commented out: defaults
+            return
+        if not isinstance(data, dict):
+            self.fail(path, f"expected a mapping, got {_show(data)}")
+            return
+        for key, value in data.items():
+            if isinstance(key, str) and key in keys:
+                self.values[key] = value
+            else:
+                self.fail(_join(path, str(key)), _unknown_key(key, keys))
+
+    def fail(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+        self.ok = False
+
+    def key_path(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def take(self, key: str, convert: Callable[[object], object]) -> None:
+        if key not in self.values:
+            return
+        try:
+            self.kwargs[key] = convert(self.values[key])
+        except ValueError as exc:
+            self.fail(self.key_path(key), str(exc))
+
+    def take_list(self, key: str, convert: Callable[[object], T]) -> list[T] | None:
+        """Convert each item, naming a bad one by index ("trusted_proxies[2]")."""
+        if key not in self.values:
+            return None
+        raw = self.values[key]
+        if not isinstance(raw, list):
+            self.fail(self.key_path(key), f"expected a list, got {_show(raw)}")
+            return None
+        items: list[T] = []
+        ok = True
+        for index, item in enumerate(raw):
+            try:
+                items.append(convert(item))
+            except ValueError as exc:
+                self.fail(f"{self.key_path(key)}[{index}]", str(exc))
+                ok = False
+        return items if ok else None
+
+    def nested(self, key: str, build: _Builder) -> None:
+        if key in self.values:
+            value = build(self.errors, self.key_path(key), self.values[key])
+            if value is None:
+                self.ok = False
+            else:
+                self.kwargs[key] = value
+
+    def build(self, factory: Callable[..., T]) -> T | None:
+        """Construct even after a failed key (defaults fill in) to report the other keys."""
+        try:
+            result = factory(**self.kwargs)
+        except ConfigError as exc:
+            self.errors.extend(_join(self.path, error) for error in exc.errors)
+            return None
+        return result if self.ok else None
+
+
+def _flat(
+    factory: Callable[..., object], converters: dict[str, Callable[[object], object]]
+) -> _Builder:
+    """A section of plain keys: each one converted explicitly, then the dataclass built."""
+
+    def build(errors: list[str], path: str, data: object) -> object | None:
+        s = _Section(errors, path, data, tuple(converters))
+        for key, convert in converters.items():
+            s.take(key, convert)
+        return s.build(factory)
+
+    return build
+
+
+def _pool(errors: list[str], path: str, data: object) -> PoolConfig | None:
+    s = _Section(errors, path, data, ("targets",))
+    if not isinstance(data, dict):
+        return None  # null was reported by the caller as "required", anything else by _Section
+    if s.values.get("targets") is None:
+        s.fail(s.key_path("targets"), "required: a list of http:// URLs")
+        return None
+    targets = s.take_list("targets", parse_target)
+    if targets is None:
+        # Some targets failed: checking the rest for duplicates would misnumber them.
+        return None
+    s.kwargs["targets"] = tuple(targets)
+    return s.build(PoolConfig)
+
+
+def _upstreams(errors: list[str], path: str, data: object) -> UpstreamsConfig | None:
+    s = _Section(errors, path, data, ("blue", "green"))
+    if not isinstance(data, dict):
+        return None
+    for color in ("blue", "green"):
+        if s.values.get(color) is None:
+            s.fail(s.key_path(color), "required: {targets: [http://host:port, ...]}")
+        else:
+            s.nested(color, _pool)
+    return s.build(UpstreamsConfig) if s.ok else None
+
+
+def _websocket(errors: list[str], path: str, data: object) -> WebSocketConfig | None:
+    s = _Section(errors, path, data, ("reconnect_window", "reconnect_message", "close_grace"))
+    if "reconnect_window" in s.values:
+        raw = s.values["reconnect_window"]
+        if isinstance(raw, list) and len(raw) == 2:
+            window = s.take_list("reconnect_window", parse_duration)
+            if window is not None:
+                s.kwargs["reconnect_window"] = (window[0], window[1])
+        else:
+            s.fail(
+                s.key_path("reconnect_window"),
+                f"expected two durations [earliest, latest] like [1s, 30s], got {_show(raw)}",
+            )
+    s.take("reconnect_message", _str)
+    s.take("close_grace", parse_duration)
+    return s.build(WebSocketConfig)
+
+
+def _smoke_probe(errors: list[str], path: str, data: object) -> SmokeProbe | None:
+    if data is None:  # unlike a section, a probe has a required key
+        errors.append(f"{path}: expected a mapping like {{path: /health}}, got null")
+        return None
+    s = _Section(errors, path, data, ("path", "expect_status", "expect_body"))
+    if not isinstance(data, dict):
+        return None
+    if "path" not in s.values:
+        s.fail(s.key_path("path"), "required")
+        return None
+    s.take("path", _str)
+    s.take("expect_status", _int)
+    s.take("expect_body", _optional(_str))
+    return s.build(SmokeProbe) if "path" in s.kwargs else None
+
+
+_warmup = _flat(WarmupConfig, {"requests": _int, "path": _str, "concurrency": _int})
+
+
+def _gates(errors: list[str], path: str, data: object) -> GatesConfig | None:
+    s = _Section(errors, path, data, ("require_healthy", "smoke", "warmup"))
+    s.take("require_healthy", _bool)
+    raw_smoke = s.values.get("smoke")
+    if raw_smoke is not None and not isinstance(raw_smoke, list):
+        s.fail(s.key_path("smoke"), f"expected a list of probes, got {_show(raw_smoke)}")
+    elif raw_smoke:
+        probes = [
+            _smoke_probe(errors, f"{s.key_path('smoke')}[{index}]", item)
+            for index, item in enumerate(raw_smoke)
+        ]
+        good = [probe for probe in probes if probe is not None]
+        if len(good) == len(probes):
+            s.kwargs["smoke"] = tuple(good)
+        else:
+            s.ok = False
+    s.nested("warmup", _warmup)
+    return s.build(GatesConfig)
+
+
+# In SPEC order, so errors come out in the order a reader meets the keys.
+_SECTIONS: tuple[tuple[str, _Builder], ...] = (
+    ("admin", _flat(AdminConfig, {"listen": parse_host_port, "token_env": _optional(_str)})),
+    ("upstreams", _upstreams),
+    (
+        "health_check",
+        _flat(
+            HealthCheckConfig,
+            {
+                "path": _str,
+                "interval": parse_duration,
+                "timeout": parse_duration,
+                "healthy_threshold": _int,
+                "unhealthy_threshold": _int,
+            },
+        ),
+    ),
+    (
+        "routing",
+        _flat(
+            RoutingConfig,
+            {
+                "active": _str,
+                "override_header": _str,
+                "override_cookie": _str,
+                "override_token_env": _optional(_str),
+                "sticky_cookie": _str,
+                "response_header": _optional(_str),
+            },
+        ),
+    ),
+    (
+        "timeouts",
+        _flat(
+            TimeoutsConfig,
+            {
+                "connect": parse_duration,
+                "request_header": parse_duration,
+                "upstream_response": parse_duration,
+                "idle": parse_duration,
+                "upstream_keepalive": parse_duration,
+            },
+        ),
+    ),
+    ("drain", _flat(DrainConfig, {"timeout": parse_duration})),
+    ("websocket", _websocket),
+    (
+        "rollback",
+        _flat(
+            RollbackConfig,
+            {
+                "enabled": _bool,
+                "window": parse_duration,
+                "interval": parse_duration,
+                "max_error_rate": _number,
+                "max_p99_latency": parse_duration,
+                "min_requests": _int,
+                "failure_limit": _int,
+            },
+        ),
+    ),
+    ("gates", _gates),
+    (
+        "state",
+        _flat(
+            StateConfig,
+            {
+                "backend": _str,
+                "redis_url": _str,
+                "key_prefix": _str,
+                "connect_timeout": parse_duration,
+            },
+        ),
+    ),
+    (
+        "limits",
+        _flat(
+            LimitsConfig,
+            {
+                "max_header_bytes": parse_size,
+                "max_headers": _int,
+                "max_body_bytes": _optional(parse_size),
+                "max_connections": _int,
+                "admin_max_body_bytes": parse_size,
+            },
+        ),
+    ),
+)
+_TOP_KEYS = ("listen", *(key for key, _ in _SECTIONS), "trusted_proxies")
+
+
+def parse_config(data: object) -> Config:
+    """Build a Config from already-loaded YAML data; raise one ConfigError listing every error."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"(top level): expected a mapping of config keys, got {_show(data)}")
+    errors: list[str] = []
+    s = _Section(errors, "", data, _TOP_KEYS)  # an empty file is None: only upstreams is missing
+    s.take("listen", parse_host_port)
+    for key, build in _SECTIONS:
+        if key == "upstreams" and s.values.get(key) is None:
+            s.fail(key, "required: both blue and green, each {targets: [http://host:port]}")
+        else:
+            s.nested(key, build)
+    networks = s.take_list("trusted_proxies", parse_network)
+    if networks is not None:
+        s.kwargs["trusted_proxies"] = tuple(networks)
+    # Cross-section checks (Config.__post_init__) only look at sections that are valid.
+    config = None if errors else s.build(Config)
+    if config is None:
+        raise ConfigError(errors)
+    return config
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base" keys may be overridden on purpose
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: SafeLoader reports it itself
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file; every failure is a ConfigError."""
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from None
+    return parse_config(data)

@@ -1,0 +1,396 @@
+"""The typed, immutable configuration bgproxy runs on.
+
+Defaults are the documented ones (SPEC "Config (YAML)"). Invariants live in
+``__post_init__`` so a config built in code (tests, ``bgproxy demo``) obeys the
+same rules as one loaded from YAML:
+
+* section classes report every broken invariant at once, as a ConfigError whose
+  entries are relative to the section ("interval: must be greater than 0"); the
+  loader prefixes the section's dotted path;
+* value classes (HostPort, TargetConfig) are a single string in YAML, so they
+  raise a plain ValueError and the loader's path already names them.
+
+Types are the loader's job: ``__post_init__`` assumes the annotated types.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+COLORS = ("blue", "green")
+STATE_BACKENDS = ("memory", "redis")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 tchar
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Permissive on purpose: docker-compose service names carry underscores.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_-]+)*\.?")
+# A path goes verbatim into a request line: visible ASCII only, no spaces.
+_REQUEST_PATH = re.compile(r"/[!-~]*")
+_WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+class ConfigError(Exception):
+    """Every problem found in a config, each as "dotted.key.path: message"."""
+
+    errors: list[str]
+
+    def __init__(self, errors: str | Iterable[str]) -> None:
+        # A lone string is one error, not an iterable of characters.
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        Exception.__init__(self, "\n".join(self.errors))
+
+
+class _Problems:
+    """Collects a section's broken invariants so they are reported together."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def check(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            self.errors.append(f"{key}: {message}")
+
+    def positive(self, key: str, value: float) -> None:
+        self.check(value > 0, key, "must be greater than 0")
+
+    def at_least(self, key: str, value: int, low: int) -> None:
+        self.check(value >= low, key, f"must be at least {low}")
+
+    def token(self, key: str, value: str | None, what: str) -> None:
+        if value is not None:
+            self.check(_TOKEN.fullmatch(value) is not None, key, f"not a valid {what}: {value!r}")
+
+    def env_name(self, key: str, value: str | None) -> None:
+        if value is not None:
+            ok = _ENV_NAME.fullmatch(value) is not None
+            self.check(ok, key, f"not a valid environment variable name: {value!r}")
+
+    def request_path(self, key: str, value: str) -> None:
+        ok = _REQUEST_PATH.fullmatch(value) is not None
+        self.check(
+            ok, key, f"must start with '/' and hold no spaces or control characters: {value!r}"
+        )
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigError(self.errors)
+
+
+def valid_host(host: str) -> bool:
+    """An IP address or a plausible DNS name (resolution happens at connect time)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
+    return True
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A listen address; port 0 asks the OS for a free port (tests use it)."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not valid_host(self.host):
+            raise ValueError(f"not a valid host: {self.host!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port out of range (0-65535)")
+
+    def __str__(self) -> str:
+        return _join_host_port(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    """One upstream target; ``url`` is always the normalized "http://host:port"."""
+
+    url: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not valid_host(self.host):
+            raise ValueError(f"not a valid host: {self.host!r}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError("port out of range (1-65535)")
+        # Metrics label targets by url, so it must be one canonical spelling.
+        expected = f"http://{_join_host_port(self.host, self.port)}"
+        if self.url != expected:
+            raise ValueError(f"url must be the normalized form {expected!r}, got {self.url!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    targets: tuple[TargetConfig, ...]
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(len(self.targets) > 0, "targets", "must list at least one http:// target")
+        first_seen: dict[tuple[str, int], int] = {}
+        for index, target in enumerate(self.targets):
+            earlier = first_seen.setdefault((target.host, target.port), index)
+            p.check(earlier == index, f"targets[{index}]", f"duplicate of targets[{earlier}]")
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamsConfig:
+    blue: PoolConfig
+    green: PoolConfig
+
+    def pool(self, color: str) -> PoolConfig:
+        """The pool of ``color`` ("blue" or "green"), for code keyed by color name."""
+        if color == "blue":
+            return self.blue
+        if color == "green":
+            return self.green
+        raise KeyError(color)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: HostPort = HostPort("127.0.0.1", 9901)
+    # The non-loopback-without-token refusal needs the environment: checked at serve time.
+    token_env: str | None = "BGPROXY_ADMIN_TOKEN"
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.env_name("token_env", self.token_env)
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    path: str = "/health"
+    interval: float = 2.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.request_path("path", self.path)
+        p.positive("interval", self.interval)
+        p.positive("timeout", self.timeout)
+        p.at_least("healthy_threshold", self.healthy_threshold, 1)
+        p.at_least("unhealthy_threshold", self.unhealthy_threshold, 1)
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    active: str = "blue"
+    override_header: str = "X-Bg-Color"
+    override_cookie: str = "bg_color"
+    override_token_env: str | None = None
+    sticky_cookie: str = "bg_sticky"
+    response_header: str | None = "X-Bg-Color"
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(self.active in COLORS, "active", f"must be 'blue' or 'green', got {self.active!r}")
+        p.token("override_header", self.override_header, "HTTP header name")
+        p.token("override_cookie", self.override_cookie, "cookie name")
+        p.env_name("override_token_env", self.override_token_env)
+        p.token("sticky_cookie", self.sticky_cookie, "cookie name")
+        p.token("response_header", self.response_header, "HTTP header name")
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    connect: float = 5.0
+    request_header: float = 10.0
+    upstream_response: float = 60.0
+    idle: float = 75.0
+    upstream_keepalive: float = 15.0  # idle pooled upstream connections are closed after this
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        for key in ("connect", "request_header", "upstream_response", "idle", "upstream_keepalive"):
+            p.positive(key, getattr(self, key))
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class DrainConfig:
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.positive("timeout", self.timeout)
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    reconnect_window: tuple[float, float] = (1.0, 30.0)
+    # Placeholders are substituted literally (the JSON braces rule out str.format).
+    reconnect_message: str = '{"type":"reconnect","color":"{color}","reason":"{reason}"}'
+    close_grace: float = 5.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        window = self.reconnect_window
+        if len(window) != 2:
+            p.check(False, "reconnect_window", "must be two durations [earliest, latest]")
+        else:
+            # 0 is fine here: "tell everyone at once" is a valid choice.
+            p.check(window[0] >= 0, "reconnect_window[0]", "must not be negative")
+            p.check(window[1] >= 0, "reconnect_window[1]", "must not be negative")
+            p.check(window[0] <= window[1], "reconnect_window", "earliest must not exceed latest")
+        p.positive("close_grace", self.close_grace)
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackConfig:
+    enabled: bool = True
+    window: float = 300.0
+    interval: float = 15.0
+    max_error_rate: float = 0.05
+    max_p99_latency: float = 2.0
+    min_requests: int = 20
+    failure_limit: int = 1
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.positive("window", self.window)
+        p.positive("interval", self.interval)
+        rate_ok = 0 <= self.max_error_rate <= 1
+        p.check(rate_ok, "max_error_rate", "must be between 0 and 1 (a share, 0.05 = 5%)")
+        p.positive("max_p99_latency", self.max_p99_latency)
+        p.at_least("min_requests", self.min_requests, 0)
+        p.at_least("failure_limit", self.failure_limit, 1)
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class SmokeProbe:
+    path: str
+    expect_status: int = 200
+    expect_body: str | None = None  # substring the body must contain; None skips the check
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.request_path("path", self.path)
+        ok = 100 <= self.expect_status <= 599
+        p.check(ok, "expect_status", f"must be an HTTP status 100-599, got {self.expect_status}")
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupConfig:
+    requests: int = 0
+    path: str = "/"
+    concurrency: int = 4
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.at_least("requests", self.requests, 0)
+        p.request_path("path", self.path)
+        p.at_least("concurrency", self.concurrency, 1)
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class GatesConfig:
+    require_healthy: bool = True
+    smoke: tuple[SmokeProbe, ...] = ()
+    warmup: WarmupConfig = WarmupConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "bgproxy"
+    connect_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(
+            self.backend in STATE_BACKENDS,
+            "backend",
+            f"must be 'memory' or 'redis', got {self.backend!r}",
+        )
+        # Checked even with the memory backend: a later switch to redis should not surprise.
+        scheme, sep, _ = self.redis_url.partition("://")
+        p.check(
+            bool(sep) and scheme.lower() in REDIS_SCHEMES,
+            "redis_url",
+            f"expected a redis://, rediss:// or unix:// URL, got {self.redis_url!r}",
+        )
+        ok = bool(self.key_prefix) and self.key_prefix.isprintable() and " " not in self.key_prefix
+        p.check(ok, "key_prefix", "must be a non-empty string without spaces")
+        p.positive("connect_timeout", self.connect_timeout)
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_header_bytes: int = 32768  # whole request head; beyond it: 431
+    max_headers: int = 100  # header fields in one request head; beyond it: 431
+    max_body_bytes: int | None = None  # request body; None = unlimited (bodies stream)
+    max_connections: int = 10000  # concurrent client connections per process
+    admin_max_body_bytes: int = 65536  # admin API request bodies; beyond it: 413
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.at_least("max_header_bytes", self.max_header_bytes, 1)
+        p.at_least("max_headers", self.max_headers, 1)
+        if self.max_body_bytes is not None:
+            p.at_least("max_body_bytes", self.max_body_bytes, 1)
+        p.at_least("max_connections", self.max_connections, 1)
+        p.at_least("admin_max_body_bytes", self.admin_max_body_bytes, 1)
+        p.raise_if_any()
+
+
+def _may_collide(a: HostPort, b: HostPort) -> bool:
+    """Whether two listeners would fight over one socket (port 0 never does)."""
+    if a.port == 0 or a.port != b.port:
+        return False
+    if a.host == b.host or "::" in (a.host, b.host):
+        return True
+    # 0.0.0.0 takes the port on every IPv4 address, not on IPv6 ones.
+    other = b.host if a.host == "0.0.0.0" else a.host if b.host == "0.0.0.0" else None
+    return other is not None and ":" not in other
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    listen: HostPort = HostPort("0.0.0.0", 8080)
+    admin: AdminConfig = AdminConfig()
+    upstreams: UpstreamsConfig  # the one required key
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    routing: RoutingConfig = RoutingConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    drain: DrainConfig = DrainConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
+    rollback: RollbackConfig = RollbackConfig()
+    gates: GatesConfig = GatesConfig()
+    state: StateConfig = StateConfig()
+    limits: LimitsConfig = LimitsConfig()
+    # Peers (e.g. a load balancer in front) whose incoming X-Forwarded-For is trusted.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(
+            not _may_collide(self.listen, self.admin.listen),
+            "admin.listen",
+            f"{self.admin.listen} collides with listen ({self.listen})",
+        )
+        p.raise_if_any()
