@@ -1,0 +1,1 @@
+"""bgproxy control plane: admin API, CLI, demo and the serve runner."""

@@ -1,0 +1,323 @@
+"""The admin API: JSON over aiohttp on the admin listener.
+
+Every write goes through the ``StateStore`` as a compare-and-set built by a pure
+transition from ``proxy.state``; the same path the rollback controller uses.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from proxy.server import ProxyServer
+from proxy.state import (
+    Color,
+    Event,
+    InvalidWeights,
+    RoutingState,
+    StateError,
+    StateStore,
+    StoreUnavailable,
+    describe,
+    roll_back,
+    set_weights,
+    switch_to,
+)
+
+log = logging.getLogger("bgproxy.admin")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+def error_json(status: int, code: str, detail: str) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+
+
+class ControlPlane:
+    """What the admin API acts on: the data plane, the store and readiness."""
+
+    def __init__(self, server: ProxyServer, store: StateStore, token: str | None) -> None:
+        self.server = server
+        self.store = store
+        self.token = token
+        self.ready = False
+
+    def status(self) -> dict[str, Any]:
+        state = self.store.snapshot()
+        server = self.server
+        return {
+            "active": state.active.value,
+            "weights": state.weights.as_dict(),
+            "generation": state.generation,
+            "previous": state.previous.value if state.previous else None,
+            "changed_at": _rfc3339(state.changed_at),
+            "colors": server.colors_status(),
+            "drain": {
+                "color": None,
+                "state": "idle",
+                "started_at": None,
+                "deadline": None,
+                "completed_at": None,
+                "forced": 0,
+            },
+            "rollback": {"state": "idle", "color": None, "until": None, "last": None},
+            "instances": [self.instance()],
+            "store": {"backend": "memory", "available": self.store.available},
+        }
+
+    def instance(self) -> dict[str, Any]:
+        server = self.server
+        return {
+            "id": "local",
+            "host": "localhost",
+            "generation": self.store.snapshot().generation,
+            "in_flight": {c.value: n for c, n in server.in_flight.items()},
+            "websockets": {c.value: n for c, n in server.websockets.items()},
+            "last_seen": _rfc3339(time.time()),
+        }
+
+    async def apply(
+        self,
+        build: Callable[[RoutingState], RoutingState | None],
+        action: str,
+        reason: str | None,
+        actor: str,
+        trigger: str = "manual",
+        expected_generation: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> RoutingState | None:
+        """Build the next state from the current one and compare-and-set it.
+
+        Returns None for a no-op. Raises ``StateError`` subclasses on refusal.
+        """
+        if not self.store.available:
+            raise StoreUnavailable("the state store is unavailable; try again")
+        current = self.store.snapshot()
+        if expected_generation is not None and expected_generation != current.generation:
+            from proxy.state import GenerationMismatch
+
+            raise GenerationMismatch(
+                f"state is at generation {current.generation}, not {expected_generation}"
+            )
+        new = build(current)
+        if new is None:
+            return None
+        event = Event(
+            at=new.changed_at,
+            generation=new.generation,
+            action=action,
+            from_=describe(current),
+            to=describe(new),
+            trigger=trigger,
+            reason=reason,
+            actor=actor,
+            details=details or {},
+        )
+        return await self.store.compare_and_set(current.generation, new, event)
+
+
+def _rfc3339(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+# -- middlewares --------------------------------------------------------------------------
+
+
+def _auth_middleware(cp: ControlPlane) -> Any:
+    expected = cp.token.encode() if cp.token else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and request.path not in OPEN_PATHS:
+            header = request.headers.get("Authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), expected
+            ):
+                return error_json(401, "unauthorized", "a valid bearer token is required")
+        return await handler(request)
+
+    return auth
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_json(exc.status, exc.code, exc.detail)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "error")
+        detail = exc.reason
+        if exc.status == 413:
+            detail = "request body too large"
+        resp = error_json(exc.status, code, detail)
+        if exc.status == 405 and "Allow" in exc.headers:
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", "request body is not valid JSON") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_request", "request body must be a JSON object")
+    return data
+
+
+def _opt_str(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 1000:
+        raise ApiError(400, "bad_request", f"'{key}' must be a string (at most 1000 chars)")
+    return value
+
+
+def _opt_int(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, "bad_request", f"'{key}' must be an integer")
+    return value
+
+
+def _state_error(exc: StateError) -> ApiError:
+    status = 503 if isinstance(exc, StoreUnavailable) else 400 if isinstance(
+        exc, InvalidWeights
+    ) else 409
+    return ApiError(status, exc.code, str(exc))
+
+
+def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Application:
+    app = web.Application(
+        client_max_size=max_body, middlewares=[_errors_middleware, _auth_middleware(cp)]
+    )
+    actor = "admin"
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(cp.status())
+
+    async def switch(request: web.Request) -> web.Response:
+        data = await _json_body(request)
+        color = Color.parse(data.get("color"))
+        if color is None:
+            raise ApiError(400, "bad_color", "'color' must be \"blue\" or \"green\"")
+        reason = _opt_str(data, "reason")
+        force = data.get("force", False)
+        if not isinstance(force, bool):
+            raise ApiError(400, "bad_request", "'force' must be a boolean")
+        expected = _opt_int(data, "expected_generation")
+        try:
+            await cp.apply(
+                lambda s: switch_to(s, color, time.time()),
+                "switch",
+                reason,
+                actor,
+                expected_generation=expected,
+                details={"force": True} if force else None,
+            )
+        except StateError as exc:
+            raise _state_error(exc) from exc
+        return web.json_response(cp.status())
+
+    async def weights(request: web.Request) -> web.Response:
+        data = await _json_body(request)
+        blue, green = data.get("blue"), data.get("green")
+        for key, value in (("blue", blue), ("green", green)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ApiError(400, "bad_weights", f"'{key}' must be an integer >= 0")
+        assert isinstance(blue, int) and isinstance(green, int)
+        if blue == 0 and green == 0:
+            raise ApiError(400, "bad_weights", "weights must not both be 0")
+        expected = _opt_int(data, "expected_generation")
+        try:
+            await cp.apply(
+                lambda s: set_weights(s, blue, green, time.time()),
+                "weights",
+                _opt_str(data, "reason"),
+                actor,
+                expected_generation=expected,
+            )
+        except StateError as exc:
+            raise _state_error(exc) from exc
+        return web.json_response(cp.status())
+
+    async def rollback(request: web.Request) -> web.Response:
+        data = await _json_body(request)
+        try:
+            await cp.apply(
+                lambda s: roll_back(s, time.time()),
+                "rollback",
+                _opt_str(data, "reason"),
+                actor,
+                expected_generation=_opt_int(data, "expected_generation"),
+            )
+        except StateError as exc:
+            raise _state_error(exc) from exc
+        return web.json_response(cp.status())
+
+    async def events(request: web.Request) -> web.Response:
+        raw = request.query.get("limit", "50")
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise ApiError(400, "bad_limit", "'limit' must be an integer") from None
+        if limit < 1 or limit > 1000:
+            raise ApiError(400, "bad_limit", "'limit' must be between 1 and 1000")
+        items = await cp.store.events(limit)
+        return web.json_response({"events": [e.to_dict() for e in items]})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if cp.ready and not cp.server.stopping:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    app.router.add_get("/status", status)
+    app.router.add_post("/switch", switch)
+    app.router.add_post("/weights", weights)
+    app.router.add_post("/rollback", rollback)
+    app.router.add_get("/events", events)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

@@ -1,0 +1,96 @@
+"""Upstream targets, per-color pools and the stats that outlive config reloads.
+
+``Upstream`` is one configured target (immutable). ``UpstreamStats`` is mutable and
+keyed by the target URL, kept outside the pool so health and counters survive a reload
+that rebuilds the pools (Caddy's Upstream/Host split).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from proxy.state import Color
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    url: str
+    healthy: bool = True  # healthy until a check says otherwise: the proxy serves at once
+    consecutive_ok: int = 0
+    consecutive_fail: int = 0
+    last_error: str | None = None
+    in_flight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str
+    host: str
+    port: int
+    color: Color
+    stats: UpstreamStats = field(compare=False, hash=False)
+    # Precomputed so the hot path never formats it.
+    host_header: bytes = field(default=b"", compare=False)
+
+
+class Pool:
+    """A color's targets, used round-robin among the healthy ones."""
+
+    __slots__ = ("_next", "color", "upstreams")
+
+    def __init__(self, color: Color, upstreams: Iterable[Upstream]) -> None:
+        self.color = color
+        self.upstreams = tuple(upstreams)
+        self._next = 0
+
+    def pick(self, exclude: Upstream | None = None) -> Upstream | None:
+        """The next healthy target after the last one picked; None when none is healthy."""
+        ups = self.upstreams
+        n = len(ups)
+        start = self._next
+        for i in range(n):
+            up = ups[(start + i) % n]
+            if up.stats.healthy and up is not exclude:
+                self._next = (start + i + 1) % n
+                return up
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return any(u.stats.healthy for u in self.upstreams)
+
+
+class StatsRegistry:
+    """UpstreamStats by URL; a reload reuses the entries of targets it keeps."""
+
+    def __init__(self) -> None:
+        self._by_url: dict[tuple[Color, str], UpstreamStats] = {}
+
+    def get(self, color: Color, url: str) -> UpstreamStats:
+        key = (color, url)
+        stats = self._by_url.get(key)
+        if stats is None:
+            stats = self._by_url[key] = UpstreamStats(url)
+        return stats
+
+    def retain(self, keys: set[tuple[Color, str]]) -> None:
+        for key in list(self._by_url):
+            if key not in keys:
+                del self._by_url[key]
+
+
+def build_pools(
+    targets: dict[Color, list[tuple[str, str, int]]], registry: StatsRegistry
+) -> dict[Color, Pool]:
+    pools: dict[Color, Pool] = {}
+    keep: set[tuple[Color, str]] = set()
+    for color, items in targets.items():
+        ups = []
+        for url, host, port in items:
+            keep.add((color, url))
+            hh = (host if port == 80 else f"{host}:{port}").encode()
+            ups.append(Upstream(url, host, port, color, registry.get(color, url), hh))
+        pools[color] = Pool(color, ups)
+    registry.retain(keep)
+    return pools

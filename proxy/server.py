@@ -1,0 +1,210 @@
+"""The data-plane runtime: listener, pools, per-color counters and the coarse sweeper.
+
+``ProxyServer`` owns everything the request path touches. The admin side reads it
+(``status``) and writes routing state only through the ``StateStore``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Any
+
+from config import Config
+from proxy.errors import UpstreamError
+from proxy.listener import IDLE, ClientConnection
+from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
+from proxy.settings import Settings, build_settings
+from proxy.state import COLORS, Color, StateStore
+from proxy.upstream import ConnectionPool
+
+log = logging.getLogger("bgproxy.server")
+
+
+def pool_targets(config: Config) -> dict[Color, list[tuple[str, str, int]]]:
+    return {
+        Color.BLUE: [(t.url, t.host, t.port) for t in config.upstreams.blue.targets],
+        Color.GREEN: [(t.url, t.host, t.port) for t in config.upstreams.green.targets],
+    }
+
+
+def _sweep_tick(config: Config) -> float:
+    t = config.timeouts
+    shortest = min(t.request_header, t.idle, t.upstream_response, t.upstream_keepalive)
+    return max(0.02, min(1.0, shortest / 4))
+
+
+class ProxyServer:
+    def __init__(self, config: Config, store: StateStore) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.config = config
+        self.settings: Settings = build_settings(config)
+        self.store = store
+        self.registry = StatsRegistry()
+        self.pools: dict[Color, Pool] = build_pools(pool_targets(config), self.registry)
+        self.cpool = ConnectionPool(config.timeouts.connect, config.timeouts.upstream_keepalive)
+        self.connections: set[ClientConnection] = set()
+        self.now = self.loop.time()  # coarse clock, advanced by the sweeper
+        self.stopping = False
+        self.in_flight: dict[Color, int] = dict.fromkeys(COLORS, 0)
+        self.websockets: dict[Color, int] = dict.fromkeys(COLORS, 0)
+        # Plain counters; the metrics layer reads them at scrape time.
+        self.responses: Counter[tuple[Color, int]] = Counter()
+        self.upstream_errors: Counter[tuple[Color, str]] = Counter()
+        self.started_at = time.time()
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tick = _sweep_tick(config)
+        self._idle: asyncio.Event | None = None
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A named task the server holds a reference to and cancels on stop."""
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- listening ------------------------------------------------------------------------
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Start accepting, on ``sock`` if given (workers share one), else on ``listen``."""
+        if sock is None:
+            listen = self.config.listen
+            srv = await self.loop.create_server(
+                lambda: ClientConnection(self),
+                listen.host or None,
+                listen.port,
+                backlog=2048,
+                reuse_address=True,
+            )
+        else:
+            srv = await self.loop.create_server(
+                lambda: ClientConnection(self), sock=sock, backlog=2048
+            )
+        self._servers.append(srv)
+        self.spawn(self._sweeper(), name="sweeper")
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for srv in self._servers:
+            for s in srv.sockets:
+                addr = s.getsockname()
+                out.append((addr[0], addr[1]))
+        return out
+
+    async def _sweeper(self) -> None:
+        # One coarse pass over all connections instead of a timer per request.
+        while True:
+            await asyncio.sleep(self._tick)
+            now = self.now = self.loop.time()
+            for conn in [c for c in self.connections if 0.0 < c.deadline < now]:
+                try:
+                    conn.on_deadline()
+                except Exception:
+                    log.exception("deadline handling failed")
+            self.cpool.sweep(time.monotonic())
+
+    async def stop_accepting(self) -> None:
+        """Refuse new connections; idle keep-alive ones close, busy ones after their response."""
+        self.stopping = True
+        for srv in self._servers:
+            srv.close()
+        for conn in list(self.connections):
+            conn.closing = True
+            if conn.phase == IDLE:
+                conn.close()
+
+    async def wait_idle(self) -> None:
+        """Until no request is in flight (an event, not a poll)."""
+        if not any(self.in_flight.values()):
+            return
+        self._idle = asyncio.Event()
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop everything now: listeners, client and upstream connections, tasks."""
+        await self.stop_accepting()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self.cpool.close_all()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for srv in self._servers:
+            await srv.wait_closed()
+        self._servers.clear()
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def apply_config(self, config: Config) -> None:
+        """Swap pools, timeouts and the rest; routing state and connections stay."""
+        old_urls = {u.url for p in self.pools.values() for u in p.upstreams}
+        self.config = config
+        self.settings = build_settings(config)
+        self.pools = build_pools(pool_targets(config), self.registry)
+        new_urls = {u.url for p in self.pools.values() for u in p.upstreams}
+        self.cpool.connect_timeout = config.timeouts.connect
+        self.cpool.keepalive = config.timeouts.upstream_keepalive
+        self.cpool.close_idle(old_urls - new_urls)
+        self._tick = _sweep_tick(config)
+
+    # -- counters (called from the request path: keep them trivial) ------------------------
+
+    def begin_request(self, color: Color) -> None:
+        self.in_flight[color] += 1
+
+    def end_request(self, color: Color) -> None:
+        self.in_flight[color] -= 1
+        if self._idle is not None and not any(self.in_flight.values()):
+            self._idle.set()
+
+    def tunnel_opened(self, color: Color) -> None:
+        self.in_flight[color] -= 1
+        self.websockets[color] += 1
+
+    def tunnel_closed(self, color: Color) -> None:
+        self.websockets[color] -= 1
+
+    def record_response(self, color: Color | None, status: int, latency: float) -> None:
+        if color is not None:
+            self.responses[color, status] += 1
+
+    def note_upstream_error(self, color: Color | None, kind: str) -> None:
+        if color is not None:
+            self.upstream_errors[color, kind] += 1
+
+    def note_connect_failure(self, upstream: Upstream, exc: UpstreamError) -> None:
+        self.upstream_errors[upstream.color, exc.kind] += 1
+        upstream.stats.last_error = exc.kind
+
+    # -- status ---------------------------------------------------------------------------
+
+    def colors_status(self) -> dict[str, Any]:
+        return {
+            color.value: {
+                "healthy": pool.healthy,
+                "in_flight": self.in_flight[color],
+                "websockets": self.websockets[color],
+                "targets": [
+                    {"url": u.url, "healthy": u.stats.healthy} for u in pool.upstreams
+                ],
+            }
+            for color, pool in self.pools.items()
+        }

@@ -1,0 +1,78 @@
+"""The config, precomputed into the bytes and numbers the hot path reads.
+
+Built once per config (start and each reload); a connection reads ``server.settings``
+when a request starts, so a reload applies to the next request, never half of one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from config import Config
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    max_header_bytes: int
+    max_headers: int
+    max_body_bytes: int | None
+    max_connections: int
+    override_header: bytes  # lowercased
+    override_cookie: bytes
+    override_token: bytes | None  # None: overrides need no token
+    sticky_cookie: bytes
+    response_header: bytes | None
+    request_header_timeout: float
+    upstream_response_timeout: float
+    idle_timeout: float
+    connect_timeout: float
+    trusted: tuple[IPNetwork, ...]
+
+    def is_trusted(self, peer: str) -> bool:
+        if not self.trusted:
+            return False
+        return _trusted(peer, self.trusted)
+
+
+@lru_cache(maxsize=4096)
+def _trusted(peer: str, nets: tuple[IPNetwork, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(addr in net for net in nets)
+
+
+OVERRIDE_TOKEN_HEADER = b"x-bg-override-token"
+
+
+def build_settings(config: Config, environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    routing = config.routing
+    token: bytes | None = None
+    if routing.override_token_env:
+        # A configured but empty/unset token must not open overrides to everyone.
+        token = env.get(routing.override_token_env, "").encode() or b"\x00unset"
+    t = config.timeouts
+    lim = config.limits
+    return Settings(
+        max_header_bytes=lim.max_header_bytes,
+        max_headers=lim.max_headers,
+        max_body_bytes=lim.max_body_bytes,
+        max_connections=lim.max_connections,
+        override_header=routing.override_header.lower().encode(),
+        override_cookie=routing.override_cookie.encode(),
+        override_token=token,
+        sticky_cookie=routing.sticky_cookie.encode(),
+        response_header=routing.response_header.encode() if routing.response_header else None,
+        request_header_timeout=t.request_header,
+        upstream_response_timeout=t.upstream_response,
+        idle_timeout=t.idle,
+        connect_timeout=t.connect,
+        trusted=tuple(config.trusted_proxies),
+    )

@@ -1,0 +1,416 @@
+"""Pooled keep-alive connections to upstream targets, and the response half of an exchange.
+
+An ``UpstreamConnection`` is an ``asyncio.Protocol`` that outlives requests: the client
+side attaches it for one exchange (``begin``), it parses the response head with llhttp,
+rewrites it, and streams the body to the client transport, collecting everything one
+``data_received`` produces into a single write. A connection is returned to the pool only
+when both the request and the response framing ended cleanly; anything unexpected
+(bytes while idle, a 101 nobody asked for, a parse error) closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import httptools
+
+from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from proxy.headers import HOP_BY_HOP, connection_tokens
+from proxy.pools import Upstream
+
+if TYPE_CHECKING:
+    from proxy.listener import ClientConnection
+
+log = logging.getLogger("bgproxy.upstream")
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[key] = line
+    return line
+
+
+class _HeadResponseDone(Exception):
+    """Raised from the parser callback to stop at the head of a response to HEAD."""
+
+
+class _ExtraBytes(Exception):
+    """A second response began where none was asked for."""
+
+
+# Body framing towards the client.
+_RAW, _CHUNKED, _NONE = 0, 1, 2
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body_until_eof",
+        "_framing",
+        "_headers",
+        "_interim",
+        "_keep_alive",
+        "_out",
+        "_reason",
+        "_trailers",
+        "client",
+        "closed",
+        "connected",
+        "done",
+        "idle_since",
+        "is_head",
+        "parser",
+        "pool",
+        "request_done",
+        "response_started",
+        "reused",
+        "transport",
+        "tunnel",
+        "upgrade_requested",
+        "upstream",
+    )
+
+    def __init__(self, pool: ConnectionPool, upstream: Upstream) -> None:
+        self.pool = pool
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.connected = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.tunnel = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._out: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._reason = b""
+        self._interim = False
+        self._keep_alive = False
+        self._framing = _RAW
+        self._body_until_eof = False
+        self.response_started = False
+        self.done = False
+        self.request_done = False
+        self.is_head = False
+        self.upgrade_requested = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if not self.connected.done():
+            self.connected.set_exception(UpstreamConnectError("connection lost"))
+        client = self.client
+        if client is None:
+            return
+        if self.tunnel:
+            client.tunnel_closed()
+            return
+        if self.response_started and self._body_until_eof and not self.done:
+            # A close-delimited body ends here; re-framed as chunked, it gets its terminator.
+            if self._framing == _CHUNKED:
+                client.write(b"0\r\n\r\n")
+            self.done = True
+            client.response_complete(self, reusable=False)
+            return
+        if not self.done:
+            client.upstream_failed(self, UpstreamProtocolError("upstream closed the connection"))
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for_upstream()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading_for_upstream()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- the exchange ---------------------------------------------------------------------
+
+    def begin(
+        self, client: ClientConnection, data: bytes, is_head: bool, upgrade: bool
+    ) -> None:
+        self.client = client
+        self.is_head = is_head
+        self.upgrade_requested = upgrade
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def send(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            client = self.client
+            if client is not None:
+                client.write(data)
+            return
+        if self.client is None or self.done:
+            # Bytes nobody asked for: this connection can never be trusted again.
+            self.abort()
+            return
+        out = self._out
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._start_tunnel(data[exc.args[0] :])
+            return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _HeadResponseDone):
+                self._finish_head_response(data)
+            elif isinstance(exc.__context__, _ExtraBytes):
+                self.request_done = False  # bytes after the response: never reuse
+            else:
+                self._fail(UpstreamProtocolError("bad response"))
+                return
+        except httptools.HttpParserError:
+            self._fail(UpstreamProtocolError("bad response"))
+            return
+        client = self.client
+        if out and client is not None:
+            client.write(b"".join(out) if len(out) > 1 else out[0])
+            out.clear()
+        if self.done and client is not None:
+            client.response_complete(self, reusable=self._reusable())
+        elif client is not None:
+            client.upstream_activity()
+
+    def _reusable(self) -> bool:
+        return self.request_done and self._keep_alive and not self._body_until_eof
+
+    def _fail(self, exc: Exception) -> None:
+        client = self.client
+        self.client = None
+        self.abort()
+        if client is not None:
+            client.upstream_failed(self, exc)
+
+    def _finish_head_response(self, data: bytes) -> None:
+        # llhttp cannot be told a response answers HEAD, so it would wait for a body that
+        # never comes: stop at the head, and keep the connection only if the head ended
+        # exactly at the end of what was read.
+        self.parser = httptools.HttpResponseParser(self)
+        self.done = True
+        if not data.endswith(b"\r\n\r\n"):
+            self.request_done = False  # makes it unreusable
+
+    def _start_tunnel(self, rest: bytes) -> None:
+        client = self.client
+        out = self._out
+        if client is None:
+            self.abort()
+            return
+        if out:
+            client.write(b"".join(out))
+            out.clear()
+        self.tunnel = True
+        client.start_tunnel(self)
+        if rest:
+            client.write(rest)
+
+    # -- parser callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            raise _ExtraBytes
+        self._headers = []
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers is not None:
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        client = self.client
+        assert client is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim responses go to HTTP/1.1 clients as they are; the final one follows.
+            self._interim = True
+            if client.http11:
+                self._out.append(self._head(status, b"", close=False, te=False))
+            return
+        if status == 101 and not self.upgrade_requested:
+            raise UpstreamProtocolError("101 without an upgrade request")
+        client.response_head(self, status)
+        self._keep_alive = self.parser.should_keep_alive()
+        if status == 101:
+            self._out.append(self._head(status, client.response_extra(), close=False, te=False))
+            return
+        self.response_started = True
+        if self.is_head:
+            self._out.append(self._head(status, client.response_extra(), client.closing, False))
+            raise _HeadResponseDone
+        names = {n.lower() for n, _ in self._headers}
+        if status in _NO_BODY_STATUS:
+            self._framing = _NONE
+            te = False
+        elif b"content-length" in names:
+            self._framing = _RAW
+            te = False
+        else:
+            # Chunked or close-delimited: re-chunk for HTTP/1.1 clients, else close after.
+            self._body_until_eof = b"transfer-encoding" not in names
+            if client.http11:
+                self._framing = _CHUNKED
+                self._trailers = []
+                te = True
+            else:
+                self._framing = _RAW
+                client.closing = True
+                te = False
+        self._out.append(self._head(status, client.response_extra(), client.closing, te))
+
+    def _head(self, status: int, extra: bytes, close: bool, te: bool) -> bytes:
+        parts = [_status_line(status, self._reason)]
+        headers = self._headers
+        drop: set[bytes] | None = None
+        for name, value in headers:
+            if name.lower() == b"connection":
+                drop = connection_tokens(value)
+                break
+        for name, value in headers:
+            low = name.lower()
+            if low in HOP_BY_HOP or (drop is not None and low in drop):
+                if status == 101 and low in (b"connection", b"upgrade"):
+                    parts.append(b"%s: %s\r\n" % (name, value))
+                continue
+            parts.append(b"%s: %s\r\n" % (name, value))
+        if te:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if close:
+            parts.append(b"Connection: close\r\n")
+        elif self.client is not None and not self.client.http11 and status != 101:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(extra)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def on_body(self, body: bytes) -> None:
+        if self._framing == _CHUNKED:
+            self._out.append(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self._out.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.tunnel or self.client is None:
+            return
+        if self._framing == _CHUNKED:
+            trailers = self._trailers or []
+            self._out.append(
+                b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n"
+            )
+        self.done = True
+
+
+class ConnectionPool:
+    """Idle keep-alive connections per upstream, most recently used first."""
+
+    def __init__(self, connect_timeout: float, keepalive: float, max_idle: int = 256) -> None:
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.max_idle = max_idle
+        self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._all: set[UpstreamConnection] = set()
+
+    def take_idle(self, upstream: Upstream) -> UpstreamConnection | None:
+        stack = self._idle.get(upstream.url)
+        while stack:
+            conn = stack.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    async def connect(self, upstream: Upstream) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        conn = UpstreamConnection(self, upstream)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.create_connection(lambda: conn, upstream.host, upstream.port)
+        except TimeoutError as exc:
+            conn.abort()
+            raise UpstreamTimeout("connect timed out") from exc
+        except OSError as exc:
+            raise UpstreamConnectError("connect failed") from exc
+        self._all.add(conn)
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.closed:
+            return
+        conn.client = None
+        conn._reset_exchange()
+        conn.idle_since = time.monotonic()
+        stack = self._idle.setdefault(conn.upstream.url, [])
+        if len(stack) >= self.max_idle:
+            conn.close()
+            return
+        stack.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self._all.discard(conn)
+        stack = self._idle.get(conn.upstream.url)
+        if stack and conn in stack:
+            stack.remove(conn)
+
+    def sweep(self, now: float) -> None:
+        """Close connections idle longer than the keep-alive time (called by the sweeper)."""
+        limit = now - self.keepalive
+        for stack in self._idle.values():
+            while stack and stack[0].idle_since < limit:
+                stack.pop(0).close()
+
+    def close_idle(self, urls: set[str] | None = None) -> None:
+        for url, stack in list(self._idle.items()):
+            if urls is None or url in urls:
+                for conn in list(stack):
+                    conn.close()
+
+    def close_all(self) -> None:
+        for conn in list(self._all):
+            conn.abort()
+        self._idle.clear()

@@ -1,0 +1,249 @@
+"""Real parts only: upstream apps on port 0, the real proxy, real clients.
+
+``upstreams`` starts blue and green aiohttp apps that answer with their color; ``start_proxy``
+starts bgproxy in-process exactly as ``serve`` wires it (data plane + admin API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from admin.runner import Running, running
+from config import Config, parse_config
+
+
+@dataclass
+class Behaviour:
+    """Knobs a test turns on an upstream while it runs."""
+
+    health_status: int = 200
+    fail_rate: float = 0.0  # share of requests answered 500
+    delay: float = 0.0  # seconds before the response head
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    _count: int = 0
+
+    def should_fail(self) -> bool:
+        self._count += 1
+        if self.fail_rate <= 0:
+            return False
+        period = round(1 / self.fail_rate)
+        return self._count % period == 0
+
+
+@dataclass
+class Upstream:
+    color: str
+    url: str
+    behaviour: Behaviour
+    runner: web.AppRunner
+
+
+def make_upstream_app(color: str, behaviour: Behaviour) -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        behaviour.seen.append(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": dict(request.headers),
+                "body": body,
+            }
+        )
+        if behaviour.delay:
+            await asyncio.sleep(behaviour.delay)
+        if behaviour.should_fail():
+            return web.Response(status=500, text="boom", headers={"X-Upstream": color})
+        payload = {
+            "color": color,
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": {k: v for k, v in request.headers.items()},
+            "body_len": len(body),
+        }
+        return web.json_response(payload, headers={"X-Upstream": color})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=behaviour.health_status, text="OK")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "1")))
+        return web.Response(text=f"{color} slow", headers={"X-Upstream": color})
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"X-Upstream": color})
+        resp.content_type = "text/event-stream"
+        await resp.prepare(request)
+        n = int(request.query.get("n", "3"))
+        gap = float(request.query.get("gap", "0.2"))
+        for i in range(n):
+            await resp.write(f"data: {color} {i}\n\n".encode())
+            await asyncio.sleep(gap)
+        return resp
+
+    async def upload(request: web.Request) -> web.StreamResponse:
+        # Streams the body back as it arrives, so a test can check both directions.
+        resp = web.StreamResponse(headers={"X-Upstream": color})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        return resp
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        size = int(request.query.get("size", str(4 * 1024 * 1024)))
+        resp = web.StreamResponse(headers={"X-Upstream": color})
+        resp.content_length = size
+        await resp.prepare(request)
+        block = bytes(range(256)) * 256
+        sent = 0
+        while sent < size:
+            part = block[: min(len(block), size - sent)]
+            await resp.write(part)
+            sent += len(part)
+        return resp
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        wsr = web.WebSocketResponse(protocols=("chat",))
+        await wsr.prepare(request)
+        async for msg in wsr:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await wsr.send_str(f"{color}:{msg.data}")
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await wsr.send_bytes(msg.data)
+        return wsr
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/sse", sse)
+    app.router.add_post("/upload", upload)
+    app.router.add_get("/big", big)
+    app.router.add_get("/ws", ws)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+async def start_upstream(color: str, behaviour: Behaviour | None = None) -> Upstream:
+    behaviour = behaviour or Behaviour()
+    runner = web.AppRunner(make_upstream_app(color, behaviour), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Upstream(color, f"http://127.0.0.1:{port}", behaviour, runner)
+
+
+def dead_address() -> str:
+    """An address that refuses connections: bound, then closed."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def config_dict(blue: list[str], green: list[str], **sections: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "upstreams": {"blue": {"targets": blue}, "green": {"targets": green}},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = copy.deepcopy(value)
+    return data
+
+
+@dataclass
+class Proxy:
+    """A running bgproxy as tests see it: its two URLs and a client session."""
+
+    run: Running
+    url: str
+    admin_url: str
+    session: aiohttp.ClientSession
+
+    async def admin(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.request(
+            method, self.admin_url + path, json=body, headers=headers
+        ) as resp:
+            text = await resp.text()
+            return resp.status, json.loads(text) if text else None
+
+    async def get(self, path: str = "/", **kw: Any) -> tuple[int, str, dict[str, str]]:
+        async with self.session.get(self.url + path, **kw) as resp:
+            return resp.status, await resp.text(), dict(resp.headers)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[dict[str, Upstream]]:
+    ups = {"blue": await start_upstream("blue"), "green": await start_upstream("green")}
+    yield ups
+    for up in ups.values():
+        await up.runner.cleanup()
+
+
+StartProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    """``await start_proxy(config_or_dict)`` → a running Proxy, stopped after the test."""
+    stack = contextlib.AsyncExitStack()
+
+    async def start(cfg: Config | dict[str, Any]) -> Proxy:
+        config = cfg if isinstance(cfg, Config) else parse_config(cfg)
+        run = await stack.enter_async_context(running(config))
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        host, port = run.proxy_address
+        ahost, aport = run.admin_address
+        return Proxy(run, f"http://{host}:{port}", f"http://{ahost}:{aport}", session)
+
+    async with stack:
+        yield start
+
+
+@pytest.fixture
+async def proxy(upstreams: dict[str, Upstream], start_proxy: StartProxy) -> Proxy:
+    """The common case: one blue and one green upstream, default config."""
+    return await start_proxy(config_dict([upstreams["blue"].url], [upstreams["green"].url]))
+
+
+async def raw_exchange(
+    host: str, port: int, data: bytes, *, timeout: float = 5.0, read_until_close: bool = True
+) -> bytes:
+    """Send raw bytes, return what comes back until the server closes (or timeout)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if not read_until_close:
+                    break
+        return b"".join(chunks)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
