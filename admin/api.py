@@ -6,6 +6,7 @@ transition from ``proxy.state``; the same path the rollback controller uses.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -76,14 +77,7 @@ class ControlPlane:
             "previous": state.previous.value if state.previous else None,
             "changed_at": _rfc3339(state.changed_at),
             "colors": server.colors_status(),
-            "drain": {
-                "color": None,
-                "state": "idle",
-                "started_at": None,
-                "deadline": None,
-                "completed_at": None,
-                "forced": 0,
-            },
+            "drain": server.drain.drain.to_dict(),
             "rollback": {"state": "idle", "color": None, "until": None, "last": None},
             "instances": [self.instance()],
             "store": {"backend": "memory", "available": self.store.available},
@@ -126,6 +120,7 @@ class ControlPlane:
         new = build(current)
         if new is None:
             return None
+        new = dataclasses.replace(new, reason=reason or action)
         event = Event(
             at=new.changed_at,
             generation=new.generation,

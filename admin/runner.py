@@ -109,10 +109,7 @@ async def running(config: Config) -> AsyncIterator[Running]:
 async def graceful_stop(run: Running, timeout: float) -> None:
     """SIGTERM: not ready at once, stop accepting, let in-flight requests finish."""
     run.control.ready = False
-    await run.server.stop_accepting()
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout):
-            await run.server.wait_idle()
+    await run.server.shutdown(timeout)
 
 
 def reload_config(run: Running, path: str) -> bool:

@@ -29,6 +29,7 @@ from proxy.headers import HOP_BY_HOP, PROTECTED, connection_tokens, drop_cookie,
 from proxy.router import NO_ATTRS, REJECT, RequestAttrs, route
 from proxy.settings import OVERRIDE_TOKEN_HEADER
 from proxy.state import Color
+from proxy.websocket import WebSocketRelay
 
 if TYPE_CHECKING:
     from proxy.pools import Upstream
@@ -107,6 +108,8 @@ class ClientConnection(asyncio.Protocol):
         self._connecting: asyncio.Task[None] | None = None
         self._upgrade = False
         self._tunnel = False
+        self._websocket = False
+        self.ws: WebSocketRelay | None = None
         self._started = 0.0
         self._status = 0
         self._active = False
@@ -137,7 +140,11 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             self.up = None
             up.client = None
-            up.abort()  # mid-exchange: its stream state is unknown
+            if self.ws is not None:
+                self.ws.client_lost()
+                up.close()
+            else:
+                up.abort()  # mid-exchange: its stream state is unknown
         self._end_exchange(aborted=True)
 
     def eof_received(self) -> bool | None:
@@ -180,6 +187,18 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def active_on(self, color: Color) -> bool:
+        """A request (not a tunnel) on ``color`` is running on this connection."""
+        return self._active and self.color is color and not self._tunnel
+
+    def ws_close_started(self, now: float) -> None:
+        # Our close frame is out: the client gets a bounded time to answer it.
+        self.deadline = now + max(1.0, self.server.config.websocket.close_grace)
+
     def on_deadline(self) -> None:
         """The sweeper found this connection past its deadline."""
         phase = self.phase
@@ -196,7 +215,9 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         phase = self.phase
         if phase == TUNNEL:
-            if self.up is not None:
+            if self.ws is not None:
+                self.ws.from_client(data)
+            elif self.up is not None:
                 self.up.send(data)
             return
         if phase == CLOSED:
@@ -442,6 +463,9 @@ class ClientConnection(asyncio.Protocol):
         if upgrade and not is_upgrade:
             self.closing = True  # h2c and friends: answered as plain HTTP/1.1, then closed
         self._upgrade = is_upgrade
+        self._websocket = is_upgrade and upgrade_value is not None and (
+            upgrade_value.lower() == b"websocket"
+        )
         tail: list[bytes] = []
         peer = self.peer.encode()
         tail.append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + peer if xff else peer))
@@ -580,16 +604,26 @@ class ClientConnection(asyncio.Protocol):
         self.phase = TUNNEL
         self.deadline = 0.0
         self._tunnel = True
+        if self._websocket:
+            self.ws = WebSocketRelay(self, conn)
         assert self.color is not None
-        self.server.tunnel_opened(self.color)
+        self.server.tunnel_opened(self)
         buf = self._body_buf
         self._body_buf = None
         if buf:
-            conn.send(b"".join(buf))
+            self.data_received(b"".join(buf))
         self._resume(2)
+
+    def tunnel_data(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.from_upstream(data)
+        else:
+            self.write(data)
 
     def tunnel_closed(self) -> None:
         self.up = None
+        if self.ws is not None:
+            self.ws.upstream_lost()
         self.close()
 
     # -- ends -----------------------------------------------------------------------------
@@ -652,7 +686,7 @@ class ClientConnection(asyncio.Protocol):
             self._active = False
             if self.color is not None:
                 if self._tunnel:
-                    self.server.tunnel_closed(self.color)
+                    self.server.tunnel_closed(self)
                 else:
                     self.server.end_request(self.color)
 

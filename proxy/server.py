@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -15,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from config import Config
+from proxy.drain import DrainController
 from proxy.errors import UpstreamError
 from proxy.listener import IDLE, ClientConnection
 from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
@@ -60,6 +62,10 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick = _sweep_tick(config)
         self._idle: asyncio.Event | None = None
+        self._color_idle: dict[Color, asyncio.Event | None] = dict.fromkeys(COLORS)
+        self.tunnels: set[ClientConnection] = set()
+        self.drain = DrainController(self)
+        store.add_listener(self.drain.on_state_change)
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -127,18 +133,42 @@ class ProxyServer:
                 conn.close()
 
     async def wait_idle(self) -> None:
-        """Until no request is in flight (an event, not a poll)."""
-        if not any(self.in_flight.values()):
-            return
-        self._idle = asyncio.Event()
-        await self._idle.wait()
+        """Until no request is in flight and no tunnel is open (an event, not a poll)."""
+        while any(self.in_flight.values()) or self.tunnels:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    async def wait_color_idle(self, color: Color) -> None:
+        while self.in_flight[color]:
+            ev = self._color_idle[color] = asyncio.Event()
+            await ev.wait()
+
+    def end_stragglers(self, color: Color) -> int:
+        """Cut the requests still running on ``color`` at its drain deadline; how many."""
+        n = 0
+        for conn in list(self.connections):
+            if conn.active_on(color):
+                n += 1
+                conn.abort()
+        return n
+
+    def close_idle_upstreams(self, color: Color) -> None:
+        self.cpool.close_idle({u.url for u in self.pools[color].upstreams})
+
+    async def shutdown(self, timeout: float) -> None:
+        """Graceful stop: no new connections, requests finish, WebSockets told and closed."""
+        await self.stop_accepting()
+        self.drain.shutdown_websockets(self.store.snapshot().active)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.wait_idle()
 
     async def close(self) -> None:
         """Stop everything now: listeners, client and upstream connections, tasks."""
         await self.stop_accepting()
+        self.drain.close()
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
         self.cpool.close_all()
         for task in list(self._tasks):
             task.cancel()
@@ -171,16 +201,31 @@ class ProxyServer:
         self.in_flight[color] += 1
 
     def end_request(self, color: Color) -> None:
-        self.in_flight[color] -= 1
-        if self._idle is not None and not any(self.in_flight.values()):
+        n = self.in_flight[color] = self.in_flight[color] - 1
+        if n == 0:
+            self._now_idle(color)
+
+    def _now_idle(self, color: Color) -> None:
+        ev = self._color_idle[color]
+        if ev is not None:
+            ev.set()
+        if self._idle is not None:
             self._idle.set()
 
-    def tunnel_opened(self, color: Color) -> None:
-        self.in_flight[color] -= 1
+    def tunnel_opened(self, conn: ClientConnection) -> None:
+        color = conn.color
+        assert color is not None
+        self.tunnels.add(conn)
         self.websockets[color] += 1
+        self.end_request(color)  # a tunnel is a connection, not a request in flight
 
-    def tunnel_closed(self, color: Color) -> None:
-        self.websockets[color] -= 1
+    def tunnel_closed(self, conn: ClientConnection) -> None:
+        self.tunnels.discard(conn)
+        self.drain.forget(conn)
+        if conn.color is not None:
+            self.websockets[conn.color] -= 1
+        if self._idle is not None:
+            self._idle.set()
 
     def record_response(self, color: Color | None, status: int, latency: float) -> None:
         if color is not None:

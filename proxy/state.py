@@ -69,6 +69,7 @@ class RoutingState:
     previous: Color | None = None
     previous_weights: Weights | None = None
     changed_at: float = 0.0  # wall-clock seconds
+    reason: str = ""  # why the last change happened; WebSocket handoff messages carry it
 
     @classmethod
     def initial(cls, active: Color) -> RoutingState:
@@ -82,6 +83,7 @@ class RoutingState:
             "previous": self.previous.value if self.previous else None,
             "previous_weights": self.previous_weights.as_dict() if self.previous_weights else None,
             "changed_at": self.changed_at,
+            "reason": self.reason,
         }
 
     @classmethod
@@ -98,6 +100,7 @@ class RoutingState:
             previous=prev,
             previous_weights=Weights(int(prev_w["blue"]), int(prev_w["green"])) if prev_w else None,
             changed_at=float(data.get("changed_at", 0.0)),
+            reason=str(data.get("reason", "")),
         )
 
 

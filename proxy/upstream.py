@@ -178,7 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             client = self.client
             if client is not None:
-                client.write(data)
+                client.tunnel_data(data)
             return
         if self.client is None or self.done:
             # Bytes nobody asked for: this connection can never be trusted again.
@@ -241,7 +241,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = True
         client.start_tunnel(self)
         if rest:
-            client.write(rest)
+            client.tunnel_data(rest)
 
     # -- parser callbacks ---------------------------------------------------------------
 

@@ -117,7 +117,9 @@ def make_upstream_app(color: str, behaviour: Behaviour) -> web.Application:
         wsr = web.WebSocketResponse(protocols=("chat",))
         await wsr.prepare(request)
         async for msg in wsr:
-            if msg.type == aiohttp.WSMsgType.TEXT:
+            if msg.type == aiohttp.WSMsgType.TEXT and msg.data.startswith("close:"):
+                await wsr.close(code=int(msg.data[6:]), message=b"bye")
+            elif msg.type == aiohttp.WSMsgType.TEXT:
                 await wsr.send_str(f"{color}:{msg.data}")
             elif msg.type == aiohttp.WSMsgType.BINARY:
                 await wsr.send_bytes(msg.data)
@@ -247,3 +249,104 @@ async def raw_exchange(
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+# --- helpers added for the forwarding, admin and switching suites ----------------------------
+
+
+@dataclass
+class RawResponse:
+    """One HTTP/1.x response read off a raw socket."""
+
+    status: int
+    headers: list[tuple[str, str]]  # names lowercased, in wire order
+    body: bytes
+    head: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k == name]
+
+
+async def read_response(
+    reader: asyncio.StreamReader, *, head_only: bool = False, timeout: float = 5.0
+) -> RawResponse:
+    """Read exactly one response (``head_only`` for a response to HEAD or a 1xx)."""
+    async with asyncio.timeout(timeout):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = []
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers.append((name.strip().lower(), value.strip()))
+        resp = RawResponse(status, headers, b"", head)
+        if head_only or status in (204, 304) or 100 <= status < 200:
+            return resp
+        te = resp.header("transfer-encoding")
+        length = resp.header("content-length")
+        if te is not None and "chunked" in te.lower():
+            parts = []
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass  # trailers
+                    break
+                parts.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            resp.body = b"".join(parts)
+        elif length is not None:
+            resp.body = await reader.readexactly(int(length))
+        else:
+            resp.body = await reader.read()  # close-delimited
+        return resp
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(
+    proxy: Proxy,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A raw TCP connection to the proxy's public listener, closed afterwards."""
+    host, port = proxy.run.proxy_address
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def upstream_headers(body: str | bytes) -> dict[str, str]:
+    """The request headers the echo upstream saw (from its JSON answer), names lowercased."""
+    payload = json.loads(body)
+    return {k.lower(): v for k, v in payload["headers"].items()}
+
+
+@pytest.fixture
+async def start_app() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """``await start_app(app)`` → its http://127.0.0.1:PORT, cleaned up after the test."""
+    runners: list[web.AppRunner] = []
+
+    async def start(app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
