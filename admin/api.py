@@ -215,9 +215,13 @@ def _opt_int(data: dict[str, Any], key: str) -> int | None:
 
 
 def _state_error(exc: StateError) -> ApiError:
-    status = 503 if isinstance(exc, StoreUnavailable) else 400 if isinstance(
-        exc, InvalidWeights
-    ) else 409
+    status = (
+        503
+        if isinstance(exc, StoreUnavailable)
+        else 400
+        if isinstance(exc, InvalidWeights)
+        else 409
+    )
     return ApiError(status, exc.code, str(exc))
 
 
@@ -234,7 +238,7 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         data = await _json_body(request)
         color = Color.parse(data.get("color"))
         if color is None:
-            raise ApiError(400, "bad_color", "'color' must be \"blue\" or \"green\"")
+            raise ApiError(400, "bad_color", '\'color\' must be "blue" or "green"')
         reason = _opt_str(data, "reason")
         force = data.get("force", False)
         if not isinstance(force, bool):

@@ -29,13 +29,17 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default: Any = argparse.SUPPRESS if suppress else None
     parser.add_argument("--admin", default=default, help="admin API URL ($BGPROXY_ADMIN_URL)")
     parser.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
         help="print JSON for scripts",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bgproxy", description="blue-green traffic switching proxy")
+    parser = argparse.ArgumentParser(
+        prog="bgproxy", description="blue-green traffic switching proxy"
+    )
     _common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -88,7 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "serve":
         from admin.runner import main_serve
 
-        return main_serve(args.config, args.workers)
+        code: int = main_serve(args.config, args.workers)
+        return code
     if cmd == "check":
         try:
             load_config(args.config)
@@ -100,15 +105,17 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "demo":
         from admin.demo import main_demo
 
-        return main_demo(args.port, args.admin_port, args.app_ports)
+        demo_code: int = main_demo(args.port, args.admin_port, args.app_ports)
+        return demo_code
     return _operator(args)
 
 
 # -- operator commands ----------------------------------------------------------------------
 
 
-def _request(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
-             ) -> tuple[int, dict[str, Any]]:
+def _request(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, dict[str, Any]]:
     base = (args.admin or os.environ.get("BGPROXY_ADMIN_URL") or DEFAULT_ADMIN).rstrip("/")
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method)
@@ -146,7 +153,8 @@ def _operator(args: argparse.Namespace) -> int:
             body["force"] = True
         status, payload = _request(args, "POST", "/switch", body)
     elif cmd == "weights":
-        status, payload = _request(args, "POST", "/weights", {"blue": args.blue, "green": args.green})
+        weights = {"blue": args.blue, "green": args.green}
+        status, payload = _request(args, "POST", "/weights", weights)
     elif cmd == "rollback":
         status, payload = _request(
             args, "POST", "/rollback", {"reason": args.reason} if args.reason else {}
@@ -159,8 +167,10 @@ def _operator(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(payload, indent=2))
         else:
-            print(f"refused ({status} {payload.get('error')}): {payload.get('detail')}",
-                  file=sys.stderr)
+            print(
+                f"refused ({status} {payload.get('error')}): {payload.get('detail')}",
+                file=sys.stderr,
+            )
         return 2 if status in (400, 401, 404, 405, 413) else 1
     if args.json:
         print(json.dumps(payload, indent=2))
@@ -189,17 +199,18 @@ def format_status(s: dict[str, Any]) -> str:
             f"{name:<7} {'yes' if c.get('healthy') else 'NO':<8} {c.get('in_flight', 0):>9} "
             f"{c.get('websockets', 0):>10}  {targets}"
         )
-    d = s.get("drain") or {}
     lines.append("")
-    lines.append(f"drain       {d.get('state')}" + (f" ({d.get('color')})" if d.get("color") else ""))
-    r = s.get("rollback") or {}
-    lines.append(f"rollback    {r.get('state')}" + (f" ({r.get('color')})" if r.get("color") else ""))
+    for label, part in (("drain", s.get("drain") or {}), ("rollback", s.get("rollback") or {})):
+        color = f" ({part['color']})" if part.get("color") else ""
+        lines.append(f"{label:<11} {part.get('state')}{color}")
     instances = s.get("instances") or []
     if instances:
         lines.append("")
         lines.append(f"{'INSTANCE':<24} {'GENERATION':>10}  LAST SEEN")
         for i in instances:
-            lines.append(f"{i.get('id', '?'):<24} {i.get('generation', '?'):>10}  {i.get('last_seen')}")
+            lines.append(
+                f"{i.get('id', '?'):<24} {i.get('generation', '?'):>10}  {i.get('last_seen')}"
+            )
     return "\n".join(lines)
 
 

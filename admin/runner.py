@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from admin.api import ControlPlane, build_admin_app
 from config import Config, ConfigError, load_config
 from proxy.server import ProxyServer
 from proxy.state import Color, MemoryStateStore, RoutingState
-
-from admin.api import ControlPlane, build_admin_app
 
 log = logging.getLogger("bgproxy")
 
@@ -163,4 +162,4 @@ def run_loop(coro: object) -> int:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; kept for odd platforms
         return asyncio.run(coro)  # type: ignore[arg-type]
-    return uvloop.run(coro)  # type: ignore[arg-type, no-any-return]
+    return uvloop.run(coro)  # type: ignore[arg-type]

@@ -93,7 +93,9 @@ class DrainController:
         d.state = "draining"
         d.started_at = time.time()
         d.deadline = d.started_at + server.config.drain.timeout
-        self._task = server.spawn(self._run(color, server.config.drain.timeout), name=f"drain-{color.value}")
+        self._task = server.spawn(
+            self._run(color, server.config.drain.timeout), name=f"drain-{color.value}"
+        )
         self._schedule_handoffs(color, new.active, new.reason or "switch")
 
     async def _run(self, color: Color, timeout: float) -> None:
@@ -145,7 +147,9 @@ class DrainController:
     def _close(self, conn: ClientConnection, code: int) -> None:
         self._handoffs.pop(conn, None)
         if conn.ws is not None:
-            conn.ws.close(code, "service restart" if code == CLOSE_SERVICE_RESTART else "going away")
+            conn.ws.close(
+                code, "service restart" if code == CLOSE_SERVICE_RESTART else "going away"
+            )
             conn.ws_close_started(self.server.now)
 
     def _cancel_handoffs(self, color: Color) -> None:

@@ -22,8 +22,15 @@ HOP_BY_HOP = frozenset(
 
 # Headers the proxy owns: a client's ``Connection:`` cannot make us drop these.
 PROTECTED = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"x-forwarded-for", b"x-forwarded-proto",
-     b"x-forwarded-host", b"cookie"}
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"cookie",
+    }
 )
 
 

@@ -44,8 +44,9 @@ IDLE, HEAD, UPSTREAM, STREAM, TUNNEL, CLOSED = range(6)
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # Request headers with special handling; every other header is forwarded as it came.
-(_H_HOST, _H_CONN, _H_HOP, _H_TE, _H_UPGRADE, _H_XFF, _H_UNTRUSTED, _H_COOKIE, _H_TOKEN,
- _H_CL) = range(10)
+(_H_HOST, _H_CONN, _H_HOP, _H_TE, _H_UPGRADE, _H_XFF, _H_UNTRUSTED, _H_COOKIE, _H_TOKEN, _H_CL) = (
+    range(10)
+)
 _SPECIAL: dict[bytes, int] = {name: _H_HOP for name in HOP_BY_HOP}
 _SPECIAL.update(
     {
@@ -117,14 +118,14 @@ class ClientConnection(asyncio.Protocol):
     # -- connection lifecycle -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = t = transport  # type: ignore[assignment]
         server = self.server
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         if len(server.connections) >= self.settings.max_connections or server.stopping:
             # Past the cap, refuse fast: a short 503 costs less than a slow accept queue.
-            transport.write(error_response(Reply.SERVICE_UNAVAILABLE))
-            transport.close()
+            t.write(error_response(Reply.SERVICE_UNAVAILABLE))  # type: ignore[attr-defined]
+            t.close()
             self.phase = CLOSED
             return
         server.connections.add(self)
@@ -346,9 +347,11 @@ class ClientConnection(asyncio.Protocol):
         self.http11 = version == "1.1"
         if method == b"CONNECT":
             raise _Reject(Reply.NOT_IMPLEMENTED)
-        if self._head_bytes > s.max_header_bytes and sum(
-            len(n) + len(v) + 4 for n, v in self._headers
-        ) + len(self._url) > s.max_header_bytes:
+        if (
+            self._head_bytes > s.max_header_bytes
+            and sum(len(n) + len(v) + 4 for n, v in self._headers) + len(self._url)
+            > s.max_header_bytes
+        ):
             raise _Reject(Reply.HEADERS_TOO_LARGE)
         self._method = method
         self.closing = self.closing or not keep_alive or server.stopping
@@ -463,8 +466,8 @@ class ClientConnection(asyncio.Protocol):
         if upgrade and not is_upgrade:
             self.closing = True  # h2c and friends: answered as plain HTTP/1.1, then closed
         self._upgrade = is_upgrade
-        self._websocket = is_upgrade and upgrade_value is not None and (
-            upgrade_value.lower() == b"websocket"
+        self._websocket = (
+            is_upgrade and upgrade_value is not None and (upgrade_value.lower() == b"websocket")
         )
         tail: list[bytes] = []
         peer = self.peer.encode()
@@ -504,7 +507,9 @@ class ClientConnection(asyncio.Protocol):
         conn = server.cpool.take_idle(upstream)
         self.phase = STREAM if not self._req_done else UPSTREAM
         self.deadline = server.now + (
-            self.settings.upstream_response_timeout if self._req_done else self.settings.idle_timeout
+            self.settings.upstream_response_timeout
+            if self._req_done
+            else self.settings.idle_timeout
         )
         if conn is not None:
             self._attach(conn)
@@ -728,8 +733,16 @@ class _Pending:
     """A pipelined request parsed while the one before it was still being answered."""
 
     __slots__ = (
-        "body", "complete", "head_done", "headers", "keep_alive", "method", "trailers", "upgrade",
-        "url", "version",
+        "body",
+        "complete",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "method",
+        "trailers",
+        "upgrade",
+        "url",
+        "version",
     )
 
     def __init__(self) -> None:

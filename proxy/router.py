@@ -52,7 +52,10 @@ NO_ATTRS = RequestAttrs()
 
 # Decisions are a small closed set: build them once so routing allocates nothing.
 _DECISIONS = {
-    (c, r, s): Decision(c, r, s) for c in Color for r in Reason if r is not Reason.INVALID_OVERRIDE
+    (c, r, s): Decision(c, r, s)
+    for c in Color
+    for r in Reason
+    if r is not Reason.INVALID_OVERRIDE
     for s in (False, True)
 }
 REJECT = Decision(None, Reason.INVALID_OVERRIDE)

@@ -247,9 +247,7 @@ class ProxyServer:
                 "healthy": pool.healthy,
                 "in_flight": self.in_flight[color],
                 "websockets": self.websockets[color],
-                "targets": [
-                    {"url": u.url, "healthy": u.stats.healthy} for u in pool.upstreams
-                ],
+                "targets": [{"url": u.url, "healthy": u.stats.healthy} for u in pool.upstreams],
             }
             for color, pool in self.pools.items()
         }

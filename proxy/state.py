@@ -73,7 +73,9 @@ class RoutingState:
 
     @classmethod
     def initial(cls, active: Color) -> RoutingState:
-        return cls(generation=1, active=active, weights=Weights.all_to(active), changed_at=time.time())
+        return cls(
+            generation=1, active=active, weights=Weights.all_to(active), changed_at=time.time()
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,9 +183,9 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "at": datetime.fromtimestamp(self.at, UTC).isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z"
-            ),
+            "at": datetime.fromtimestamp(self.at, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "generation": self.generation,
             "action": self.action,
             "from": self.from_,

@@ -161,9 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the exchange ---------------------------------------------------------------------
 
-    def begin(
-        self, client: ClientConnection, data: bytes, is_head: bool, upgrade: bool
-    ) -> None:
+    def begin(self, client: ClientConnection, data: bytes, is_head: bool, upgrade: bool) -> None:
         self.client = client
         self.is_head = is_head
         self.upgrade_requested = upgrade
@@ -340,9 +338,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._framing == _CHUNKED:
             trailers = self._trailers or []
-            self._out.append(
-                b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n"
-            )
+            self._out.append(b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n")
         self.done = True
 
 

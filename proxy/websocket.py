@@ -69,7 +69,9 @@ class FrameTracker:
             if not self._want:
                 b1 = self._hdr[1]
                 ln = b1 & 0x7F
-                self._want = 2 + (2 if ln == 126 else 8 if ln == 127 else 0) + (4 if b1 & 0x80 else 0)
+                self._want = (
+                    2 + (2 if ln == 126 else 8 if ln == 127 else 0) + (4 if b1 & 0x80 else 0)
+                )
                 if self._want > 2:
                     continue
             if self._frame_started() and want_boundary and not self.in_message:

@@ -7,6 +7,7 @@ import json
 import time
 
 import aiohttp
+
 from conftest import Proxy, StartProxy, Upstream, config_dict
 
 
@@ -124,8 +125,9 @@ async def test_websocket_handoff_spreads_reconnects_then_closes_1012(
 
     results = await asyncio.gather(*(watch(ws) for ws in socks))
     times = sorted(r[0] for r in results)
-    assert all(r[1] == {"type": "reconnect", "color": "green", "reason": "release 42"}
-               for r in results)
+    assert all(
+        r[1] == {"type": "reconnect", "color": "green", "reason": "release 42"} for r in results
+    )
     assert all(r[2] == 1012 for r in results)
     assert times[0] >= 0.95 and times[-1] <= 3.3, times
     # Spread, not a burst: the arrivals cover most of the window.

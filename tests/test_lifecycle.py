@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
+
 from conftest import Upstream, start_upstream
 
 
@@ -34,8 +35,14 @@ class ProxyProcess:
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "BGPROXY_ADMIN_TOKEN"}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "-c", str(self.path),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            sys.executable,
+            "-m",
+            "proxy",
+            "-c",
+            str(self.path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
         async with aiohttp.ClientSession() as s:
             for _ in range(300):
@@ -61,8 +68,9 @@ class ProxyProcess:
             await self.proc.wait()
 
 
-def write_config(path: Path, port: int, admin_port: int, blue: list[str], green: list[str],
-                 **extra: object) -> None:
+def write_config(
+    path: Path, port: int, admin_port: int, blue: list[str], green: list[str], **extra: object
+) -> None:
     data = {
         "listen": f"127.0.0.1:{port}",
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
@@ -89,8 +97,9 @@ async def test_sigterm_finishes_requests_closes_websockets_1001_and_exits_0(
 ) -> None:
     port, admin_port = free_port(), free_port()
     cfg = tmp_path / "bgproxy.yaml"
-    write_config(cfg, port, admin_port, [ups["blue"].url], [ups["green"].url],
-                 drain={"timeout": "5s"})
+    write_config(
+        cfg, port, admin_port, [ups["blue"].url], [ups["green"].url], drain={"timeout": "5s"}
+    )
     p = ProxyProcess(cfg, port, admin_port)
     await p.start()
     try:
