@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -142,6 +143,47 @@ def _rfc3339(ts: float) -> str:
 # -- middlewares --------------------------------------------------------------------------
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def _origin_middleware(cp: ControlPlane) -> Any:
+    """DNS rebinding and CSRF: a loopback admin answers only loopback Host names, and a
+    mutation from a browser must come from the admin's own origin."""
+    loopback = _is_loopback_host(cp.server.config.admin.listen.host)
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host", "")
+        if loopback and request.path not in OPEN_PATHS:
+            name = _host_name(host).lower()
+            if name not in _LOOPBACK_NAMES and not name.startswith("127."):
+                return error_json(403, "forbidden_host", "Host is not this admin listener")
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            origin = request.headers.get("Origin")
+            if origin is not None and origin.partition("://")[2].rstrip("/") != host:
+                return error_json(403, "forbidden_origin", "cross-origin request refused")
+            if request.headers.get("Sec-Fetch-Site") == "cross-site":
+                return error_json(403, "forbidden_origin", "cross-site request refused")
+        return await handler(request)
+
+    return check
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _auth_middleware(cp: ControlPlane) -> Any:
     expected = cp.token.encode() if cp.token else None
 
@@ -227,7 +269,8 @@ def _state_error(exc: StateError) -> ApiError:
 
 def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Application:
     app = web.Application(
-        client_max_size=max_body, middlewares=[_errors_middleware, _auth_middleware(cp)]
+        client_max_size=max_body,
+        middlewares=[_errors_middleware, _origin_middleware(cp), _auth_middleware(cp)],
     )
     actor = "admin"
 

@@ -10,6 +10,8 @@ sweeper, never a timer per request.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import logging
 import random
@@ -44,9 +46,8 @@ IDLE, HEAD, UPSTREAM, STREAM, TUNNEL, CLOSED = range(6)
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # Request headers with special handling; every other header is forwarded as it came.
-(_H_HOST, _H_CONN, _H_HOP, _H_TE, _H_UPGRADE, _H_XFF, _H_UNTRUSTED, _H_COOKIE, _H_TOKEN, _H_CL) = (
-    range(10)
-)
+_H_HOST, _H_CONN, _H_HOP, _H_TE, _H_UPGRADE, _H_XFF, _H_UNTRUSTED = range(7)
+_H_COOKIE, _H_TOKEN, _H_CL, _H_WSKEY = range(7, 11)
 _SPECIAL: dict[bytes, int] = {name: _H_HOP for name in HOP_BY_HOP}
 _SPECIAL.update(
     {
@@ -62,11 +63,20 @@ _SPECIAL.update(
         b"cookie": _H_COOKIE,
         OVERRIDE_TOKEN_HEADER: _H_TOKEN,
         b"content-length": _H_CL,
+        b"sec-websocket-key": _H_WSKEY,
     }
 )
 
 _BODY_BUFFER_LIMIT = 256 * 1024
 _COLOR_BYTES = {Color.BLUE: b"blue", Color.GREEN: b"green"}
+
+
+def assert_c_parser() -> None:
+    """Strictness and speed both rest on llhttp: refuse to run on a pure-Python fallback."""
+    from httptools.parser import parser as cparser
+
+    if not str(cparser.__file__).endswith((".so", ".pyd")):
+        raise RuntimeError("httptools is not using its C parser (llhttp)")
 
 
 class _Reject(Exception):
@@ -87,6 +97,7 @@ class ClientConnection(asyncio.Protocol):
         self.http11 = True
         self._paused = 0
         self._queue: list[_Pending] | None = None
+        self._up_out: list[bytes] | None = None
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -225,12 +236,17 @@ class ClientConnection(asyncio.Protocol):
             return
         if phase == IDLE or phase == HEAD:
             self._head_bytes += len(data)
+        # Everything this read produces for the upstream goes out in one write, and only
+        # if the whole read parsed: a smuggling attempt in one packet never leaves here.
+        self._up_out = out = []
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
+            self._flush_upstream(out)
             self._after_upgrade_head(data[exc.args[0] :])
             return
         except httptools.HttpParserCallbackError as exc:
+            self._up_out = None
             ctx = exc.__context__
             if isinstance(ctx, _Reject):
                 self._reply(ctx.reply)
@@ -240,13 +256,28 @@ class ClientConnection(asyncio.Protocol):
                 self._reply(Reply.BAD_GATEWAY if self.up else Reply.BAD_REQUEST)
             return
         except httptools.HttpParserInvalidMethodError:
+            self._up_out = None
             self._reply(Reply.NOT_IMPLEMENTED if self._method_shaped(data) else Reply.BAD_REQUEST)
             return
         except httptools.HttpParserError:
+            self._up_out = None
             self._reply(Reply.BAD_REQUEST)
             return
+        self._flush_upstream(out)
         if self.phase == HEAD and self._head_bytes > self.settings.max_header_bytes:
             self._reply(Reply.HEADERS_TOO_LARGE)
+
+    def _flush_upstream(self, out: list[bytes]) -> None:
+        self._up_out = None
+        if out and self.up is not None:
+            self.up.send(out[0] if len(out) == 1 else b"".join(out))
+
+    def _to_upstream(self, data: bytes) -> None:
+        out = self._up_out
+        if out is not None:
+            out.append(data)
+        elif self.up is not None:
+            self.up.send(data)
 
     @staticmethod
     def _method_shaped(data: bytes) -> bool:
@@ -306,6 +337,9 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             self._queue[-1].body.append(body)
             return
+        self._body(body)
+
+    def _body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         limit = self.settings.max_body_bytes
         if limit is not None and self._body_bytes > limit:
@@ -317,6 +351,9 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             self._queue[-1].complete = True
             return
+        self._request_complete()
+
+    def _request_complete(self) -> None:
         if self._chunked:
             trailers = self._trailers or []
             self._send_body(b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n")
@@ -334,8 +371,8 @@ class ClientConnection(asyncio.Protocol):
             buf.append(data)
             if sum(map(len, buf)) > _BODY_BUFFER_LIMIT:
                 self._pause(2)
-        elif self.up is not None:
-            self.up.send(data)
+        else:
+            self._to_upstream(data)
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -366,6 +403,7 @@ class ClientConnection(asyncio.Protocol):
         upgrade_value: bytes | None = None
         conn_tokens: set[bytes] | None = None
         xff: bytes | None = None
+        ws_key: bytes | None = None
         lines: list[bytes] = []
         names: list[bytes] = []
         trusted = s.is_trusted(self.peer)
@@ -395,7 +433,14 @@ class ClientConnection(asyncio.Protocol):
                 lines.append(b"%s: %s\r\n" % (name, value))
                 names.append(low)
             elif kind == _H_CL:
+                limit = s.max_body_bytes
+                if limit is not None and int(value) > limit:
+                    raise _Reject(Reply.PAYLOAD_TOO_LARGE)  # refused before a byte is read
                 lines.append(b"Content-Length: %s\r\n" % value)
+                names.append(low)
+            elif kind == _H_WSKEY:
+                ws_key = value
+                lines.append(b"%s: %s\r\n" % (name, value))
                 names.append(low)
             elif kind == _H_CONN:
                 conn_tokens = (conn_tokens or set()) | connection_tokens(value)
@@ -424,6 +469,10 @@ class ClientConnection(asyncio.Protocol):
         if host is None:
             if self.http11:
                 raise _Reject(Reply.BAD_REQUEST)
+        if te is not None and te.rpartition(b",")[2].strip().lower() != b"chunked":
+            # A request body must end chunked (RFC 9112 §6.3); anything else is a framing
+            # an upstream might read differently.
+            raise _Reject(Reply.BAD_REQUEST)
         self._chunked = te is not None
         if te is not None:
             self._trailers = []
@@ -463,25 +512,31 @@ class ClientConnection(asyncio.Protocol):
         self._started = server.loop.time()
 
         is_upgrade = upgrade and upgrade_value is not None and upgrade_value.lower() != b"h2c"
+        if is_upgrade and upgrade_value is not None and upgrade_value.lower() == b"websocket":
+            if method != b"GET" or not _valid_ws_key(ws_key):
+                raise _Reject(Reply.BAD_REQUEST)
         if upgrade and not is_upgrade:
             self.closing = True  # h2c and friends: answered as plain HTTP/1.1, then closed
         self._upgrade = is_upgrade
         self._websocket = (
             is_upgrade and upgrade_value is not None and (upgrade_value.lower() == b"websocket")
         )
+        upstream = server.pools[color].pick()
         tail: list[bytes] = []
+        if host is None and upstream is not None:
+            tail.append(b"Host: %s\r\n" % upstream.host_header)  # HTTP/1.0 without Host
         peer = self.peer.encode()
         tail.append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + peer if xff else peer))
-        if not trusted:
+        if not trusted or b"x-forwarded-proto" not in names:
             tail.append(b"X-Forwarded-Proto: http\r\n")
-            if host is not None:
-                tail.append(b"X-Forwarded-Host: %s\r\n" % host)
+        if host is not None and (not trusted or b"x-forwarded-host" not in names):
+            tail.append(b"X-Forwarded-Host: %s\r\n" % host)
         if te is not None:
             tail.append(b"Transfer-Encoding: %s\r\n" % te)
         if is_upgrade:
             tail.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade_value)
         self._head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (method, url, b"".join(lines), b"".join(tail))
-        self._connect_and_send(server.pools[color].pick())
+        self._connect_and_send(upstream)
 
     @staticmethod
     def _origin_form(url: bytes, host: bytes | None) -> bytes:
@@ -546,7 +601,8 @@ class ClientConnection(asyncio.Protocol):
         self._body_buf = None
         data = self._head if not buf else self._head + b"".join(buf)
         conn.request_done = self._req_done
-        conn.begin(self, data, self._method == b"HEAD", self._upgrade)
+        conn.begin(self, self._method == b"HEAD", self._upgrade)
+        self._to_upstream(data)
         self._resume(2)
 
     # -- called by the upstream connection ------------------------------------------------
@@ -658,6 +714,8 @@ class ClientConnection(asyncio.Protocol):
         """Answer with one of our own responses and close the connection."""
         if self.phase == CLOSED or self.transport is None:
             return
+        if reply.status < 500:
+            self.server.note_bad_request(reply.status)
         extra = self._extra if self.color is not None else b""
         self.transport.write(error_response(reply, extra))
         self.phase = CLOSED
@@ -717,16 +775,27 @@ class ClientConnection(asyncio.Protocol):
         self._headers = pending.headers
         try:
             self._dispatch(pending.method, pending.version, pending.keep_alive, pending.upgrade)
+            # Replayed straight into this request: later parked requests stay parked.
             for chunk in pending.body:
-                self.on_body(chunk)
+                self._body(chunk)
             if pending.complete:
                 self._trailers = pending.trailers
-                self.on_message_complete()
+                self._request_complete()
         except _Reject as exc:
             self._reply(exc.reply)
             return
         if self._queue is None:
             self._resume(4)
+
+
+def _valid_ws_key(key: bytes | None) -> bool:
+    """RFC 6455 §4.1: base64 of 16 bytes."""
+    if key is None:
+        return False
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 class _Pending:

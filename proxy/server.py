@@ -18,7 +18,7 @@ from typing import Any
 from config import Config
 from proxy.drain import DrainController
 from proxy.errors import UpstreamError
-from proxy.listener import IDLE, ClientConnection
+from proxy.listener import IDLE, ClientConnection, assert_c_parser
 from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
 from proxy.settings import Settings, build_settings
 from proxy.state import COLORS, Color, StateStore
@@ -42,6 +42,7 @@ def _sweep_tick(config: Config) -> float:
 
 class ProxyServer:
     def __init__(self, config: Config, store: StateStore) -> None:
+        assert_c_parser()
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.settings: Settings = build_settings(config)
@@ -62,6 +63,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick = _sweep_tick(config)
         self._idle: asyncio.Event | None = None
+        self._bad_requests: Counter[int] = Counter()
+        self._bad_logged_at = 0.0
         self._color_idle: dict[Color, asyncio.Event | None] = dict.fromkeys(COLORS)
         self.tunnels: set[ClientConnection] = set()
         self.drain = DrainController(self)
@@ -121,6 +124,7 @@ class ProxyServer:
                 except Exception:
                     log.exception("deadline handling failed")
             self.cpool.sweep(time.monotonic())
+            self._log_bad_requests(now)
 
     async def stop_accepting(self) -> None:
         """Refuse new connections; idle keep-alive ones close, busy ones after their response."""
@@ -230,6 +234,17 @@ class ProxyServer:
     def record_response(self, color: Color | None, status: int, latency: float) -> None:
         if color is not None:
             self.responses[color, status] += 1
+
+    def note_bad_request(self, status: int) -> None:
+        self._bad_requests[status] += 1
+
+    def _log_bad_requests(self, now: float) -> None:
+        # A flood of bad requests costs one log line per period, never one per request.
+        if self._bad_requests and now - self._bad_logged_at >= 10.0:
+            summary = ", ".join(f"{n}x {code}" for code, n in sorted(self._bad_requests.items()))
+            log.warning("rejected client requests in the last period: %s", summary)
+            self._bad_requests.clear()
+            self._bad_logged_at = now
 
     def note_upstream_error(self, color: Color | None, kind: str) -> None:
         if color is not None:

@@ -161,12 +161,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the exchange ---------------------------------------------------------------------
 
-    def begin(self, client: ClientConnection, data: bytes, is_head: bool, upgrade: bool) -> None:
+    def begin(self, client: ClientConnection, is_head: bool, upgrade: bool) -> None:
         self.client = client
         self.is_head = is_head
         self.upgrade_requested = upgrade
-        assert self.transport is not None
-        self.transport.write(data)
 
     def send(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
