@@ -68,7 +68,6 @@ _SPECIAL.update(
 )
 
 _BODY_BUFFER_LIMIT = 256 * 1024
-_COLOR_BYTES = {Color.BLUE: b"blue", Color.GREEN: b"green"}
 
 
 def assert_c_parser() -> None:
@@ -85,6 +84,15 @@ class _Reject(Exception):
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots: faster attribute access on the hot path and less memory per idle connection.
+    __slots__ = (
+        "_active", "_attempts", "_body_buf", "_body_bytes", "_chunked", "_connecting", "_extra",
+        "_head", "_head_bytes", "_headers", "_method", "_paused", "_queue", "_req_done",
+        "_response_started", "_started", "_status", "_trailers", "_tunnel", "_up_out",
+        "_upgrade", "_url", "_websocket", "_xff_line", "closing", "color", "deadline", "http11",
+        "parser", "peer", "phase", "server", "settings", "transport", "up", "upstream", "ws",
+    )  # fmt: skip
+
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.settings = server.settings
@@ -133,6 +141,7 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        self._xff_line = b"X-Forwarded-For: %s\r\n" % self.peer.encode()
         if len(server.connections) >= self.settings.max_connections or server.stopping:
             # Past the cap, refuse fast: a short 503 costs less than a slow accept queue.
             t.write(error_response(Reply.SERVICE_UNAVAILABLE))  # type: ignore[attr-defined]
@@ -238,7 +247,7 @@ class ClientConnection(asyncio.Protocol):
             self._head_bytes += len(data)
         # Everything this read produces for the upstream goes out in one write, and only
         # if the whole read parsed: a smuggling attempt in one packet never leaves here.
-        self._up_out = out = []
+        self._up_out = out = []  # type: list[bytes]
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -404,8 +413,8 @@ class ClientConnection(asyncio.Protocol):
         conn_tokens: set[bytes] | None = None
         xff: bytes | None = None
         ws_key: bytes | None = None
-        lines: list[bytes] = []
-        names: list[bytes] = []
+        lines: list[bytes] = [method, b" ", b"", b" HTTP/1.1\r\n"]  # [2]: the target, below
+        forwarded: set[bytes] = set()
         trusted = s.is_trusted(self.peer)
         override_name = s.override_header
         for name, value in self._headers:
@@ -415,14 +424,12 @@ class ClientConnection(asyncio.Protocol):
                 if low == override_name:
                     override = value
                     continue
-                lines.append(b"%s: %s\r\n" % (name, value))
-                names.append(low)
+                lines.extend((name, b": ", value, b"\r\n"))
             elif kind == _H_HOST:
                 if host is not None:
                     raise _Reject(Reply.BAD_REQUEST)
                 host = value
-                lines.append(b"Host: %s\r\n" % value)
-                names.append(low)
+                lines.extend((name, b": ", value, b"\r\n"))
             elif kind == _H_COOKIE:
                 cookie_override = get_cookie(value, s.override_cookie)
                 sticky = get_cookie(value, s.sticky_cookie)
@@ -430,18 +437,15 @@ class ClientConnection(asyncio.Protocol):
                     value = drop_cookie(value, s.override_cookie)
                     if not value:
                         continue
-                lines.append(b"%s: %s\r\n" % (name, value))
-                names.append(low)
+                lines.extend((name, b": ", value, b"\r\n"))
             elif kind == _H_CL:
                 limit = s.max_body_bytes
                 if limit is not None and int(value) > limit:
                     raise _Reject(Reply.PAYLOAD_TOO_LARGE)  # refused before a byte is read
-                lines.append(b"Content-Length: %s\r\n" % value)
-                names.append(low)
+                lines.extend((name, b": ", value, b"\r\n"))
             elif kind == _H_WSKEY:
                 ws_key = value
-                lines.append(b"%s: %s\r\n" % (name, value))
-                names.append(low)
+                lines.extend((name, b": ", value, b"\r\n"))
             elif kind == _H_CONN:
                 conn_tokens = (conn_tokens or set()) | connection_tokens(value)
             elif kind == _H_TE:
@@ -453,8 +457,8 @@ class ClientConnection(asyncio.Protocol):
                     xff = value if xff is None else xff + b", " + value
             elif kind == _H_UNTRUSTED:
                 if trusted:
-                    lines.append(b"%s: %s\r\n" % (name, value))
-                    names.append(low)
+                    lines.extend((name, b": ", value, b"\r\n"))
+                    forwarded.add(low)
             elif kind == _H_TOKEN:
                 token = value
             # _H_HOP: dropped
@@ -462,10 +466,17 @@ class ClientConnection(asyncio.Protocol):
         if conn_tokens:
             drop = conn_tokens - PROTECTED - {b"close", b"keep-alive", b"upgrade"}
             if drop:
-                lines = [ln for ln, nm in zip(lines, names, strict=True) if nm not in drop]
+                # Every kept header is four items: name, ": ", value, CRLF.
+                lines = [
+                    item
+                    for k in range(0, len(lines), 4)
+                    if lines[k].lower() not in drop
+                    for item in lines[k : k + 4]
+                ]
 
         if url[:1] != b"/":
             url = self._origin_form(url, host)
+        lines[2] = url
         if host is None:
             if self.http11:
                 raise _Reject(Reply.BAD_REQUEST)
@@ -498,15 +509,7 @@ class ClientConnection(asyncio.Protocol):
         color = decision.color
         assert color is not None
         self.color = color
-        extra = b""
-        if s.response_header is not None:
-            extra = b"%s: %s\r\n" % (s.response_header, _COLOR_BYTES[color])
-        if decision.set_sticky:
-            extra += b"Set-Cookie: %s=%s; Path=/; HttpOnly; SameSite=Lax\r\n" % (
-                s.sticky_cookie,
-                _COLOR_BYTES[color],
-            )
-        self._extra = extra
+        self._extra = (s.sticky_extra if decision.set_sticky else s.color_extra)[color]
         server.begin_request(color)
         self._active = True
         self._started = server.loop.time()
@@ -522,20 +525,22 @@ class ClientConnection(asyncio.Protocol):
             is_upgrade and upgrade_value is not None and (upgrade_value.lower() == b"websocket")
         )
         upstream = server.pools[color].pick()
-        tail: list[bytes] = []
         if host is None and upstream is not None:
-            tail.append(b"Host: %s\r\n" % upstream.host_header)  # HTTP/1.0 without Host
-        peer = self.peer.encode()
-        tail.append(b"X-Forwarded-For: %s\r\n" % (xff + b", " + peer if xff else peer))
-        if not trusted or b"x-forwarded-proto" not in names:
-            tail.append(b"X-Forwarded-Proto: http\r\n")
-        if host is not None and (not trusted or b"x-forwarded-host" not in names):
-            tail.append(b"X-Forwarded-Host: %s\r\n" % host)
+            lines += (b"Host: ", upstream.host_header, b"\r\n")  # HTTP/1.0 without Host
+        if xff:
+            lines += (b"X-Forwarded-For: ", xff, b", ", self.peer.encode(), b"\r\n")
+        else:
+            lines.append(self._xff_line)
+        if b"x-forwarded-proto" not in forwarded:
+            lines.append(b"X-Forwarded-Proto: http\r\n")
+        if host is not None and b"x-forwarded-host" not in forwarded:
+            lines += (b"X-Forwarded-Host: ", host, b"\r\n")
         if te is not None:
-            tail.append(b"Transfer-Encoding: %s\r\n" % te)
-        if is_upgrade:
-            tail.append(b"Connection: Upgrade\r\nUpgrade: %s\r\n" % upgrade_value)
-        self._head = b"%s %s HTTP/1.1\r\n%s%s\r\n" % (method, url, b"".join(lines), b"".join(tail))
+            lines += (b"Transfer-Encoding: ", te, b"\r\n")
+        if is_upgrade and upgrade_value is not None:
+            lines += (b"Connection: Upgrade\r\nUpgrade: ", upgrade_value, b"\r\n")
+        lines.append(b"\r\n")
+        self._head = b"".join(lines)
         self._connect_and_send(upstream)
 
     @staticmethod
@@ -754,7 +759,18 @@ class ClientConnection(asyncio.Protocol):
                     self.server.end_request(self.color)
 
     def _next_request(self) -> None:
-        self._reset_request()
+        # Only what the last exchange left behind; _dispatch sets the rest per request.
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._trailers = None
+        self.color = None
+        self.upstream = None
+        self._extra = b""
+        self._body_bytes = 0
+        self._req_done = False
+        self._response_started = False
+        self._attempts = 0
         self.phase = IDLE
         self.deadline = self.server.now + self.settings.idle_timeout
         queue = self._queue

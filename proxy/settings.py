@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from config import Config
+from proxy.state import COLORS, Color
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -32,6 +33,10 @@ class Settings:
     idle_timeout: float
     connect_timeout: float
     trusted: tuple[IPNetwork, ...]
+    # Response header lines per color, built once: the served color, and with the sticky
+    # cookie for weighted picks.
+    color_extra: dict[Color, bytes]
+    sticky_extra: dict[Color, bytes]
 
     def is_trusted(self, peer: str) -> bool:
         if not self.trusted:
@@ -60,6 +65,11 @@ def build_settings(config: Config, environ: dict[str, str] | None = None) -> Set
         token = env.get(routing.override_token_env, "").encode() or b"\x00unset"
     t = config.timeouts
     lim = config.limits
+    header = routing.response_header
+    color_extra = {
+        c: (b"%s: %s\r\n" % (header.encode(), c.value.encode())) if header else b""
+        for c in COLORS
+    }
     return Settings(
         max_header_bytes=lim.max_header_bytes,
         max_headers=lim.max_headers,
@@ -75,4 +85,11 @@ def build_settings(config: Config, environ: dict[str, str] | None = None) -> Set
         idle_timeout=t.idle,
         connect_timeout=t.connect,
         trusted=tuple(config.trusted_proxies),
+        color_extra=color_extra,
+        sticky_extra={
+            c: color_extra[c]
+            + b"Set-Cookie: %s=%s; Path=/; HttpOnly; SameSite=Lax\r\n"
+            % (routing.sticky_cookie.encode(), c.value.encode())
+            for c in COLORS
+        },
     )

@@ -22,6 +22,10 @@ class Color(enum.Enum):
     BLUE = "blue"
     GREEN = "green"
 
+    # Enum hashes by name in Python code; colors key the per-request counters, so use the
+    # C identity hash (members are singletons, equality is identity anyway).
+    __hash__ = object.__hash__
+
     @property
     def other(self) -> Color:
         return Color.GREEN if self is Color.BLUE else Color.BLUE

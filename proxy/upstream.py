@@ -48,6 +48,16 @@ class _ExtraBytes(Exception):
     """A second response began where none was asked for."""
 
 
+_R_CL, _R_TE, _R_CONN, _R_HOP = range(4)
+_RESPONSE_SPECIAL: dict[bytes, int] = dict.fromkeys(HOP_BY_HOP, _R_HOP)
+_RESPONSE_SPECIAL.update(
+    {b"content-length": _R_CL, b"transfer-encoding": _R_TE, b"connection": _R_CONN}
+)
+# The Connection values nearly every upstream sends name nothing beyond hop-by-hop.
+_CONN_VALUES: dict[bytes, set[bytes]] = {
+    v: set() for v in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
+
 # Body framing towards the client.
 _RAW, _CHUNKED, _NONE = 0, 1, 2
 
@@ -277,37 +287,18 @@ class UpstreamConnection(asyncio.Protocol):
         if self.is_head:
             self._out.append(self._head(status, client.response_extra(), client.closing, False))
             raise _HeadResponseDone
-        names = {n.lower() for n, _ in self._headers}
-        if status in _NO_BODY_STATUS:
-            self._framing = _NONE
-            te = False
-        elif b"content-length" in names:
-            self._framing = _RAW
-            te = False
-        else:
-            # Chunked or close-delimited: re-chunk for HTTP/1.1 clients, else close after.
-            self._body_until_eof = b"transfer-encoding" not in names
-            if client.http11:
-                self._framing = _CHUNKED
-                self._trailers = []
-                te = True
-            else:
-                self._framing = _RAW
-                client.closing = True
-                te = False
-        self._out.append(self._head(status, client.response_extra(), client.closing, te))
+        self._out.append(self._final_head(status, client))
 
     def _head(self, status: int, extra: bytes, close: bool, te: bool) -> bytes:
+        """Heads off the common path: interim (1xx), 101 and responses to HEAD."""
         parts = [_status_line(status, self._reason)]
-        headers = self._headers
-        drop: set[bytes] | None = None
-        for name, value in headers:
+        drop: set[bytes] = set()
+        for name, value in self._headers:
             if name.lower() == b"connection":
-                drop = connection_tokens(value)
-                break
-        for name, value in headers:
+                drop |= connection_tokens(value)
+        for name, value in self._headers:
             low = name.lower()
-            if low in HOP_BY_HOP or (drop is not None and low in drop):
+            if low in HOP_BY_HOP or low in drop:
                 if status == 101 and low in (b"connection", b"upgrade"):
                     parts.append(b"%s: %s\r\n" % (name, value))
                 continue
@@ -321,6 +312,59 @@ class UpstreamConnection(asyncio.Protocol):
         parts.append(extra)
         parts.append(b"\r\n")
         return b"".join(parts)
+
+    def _final_head(self, status: int, client: ClientConnection) -> bytes:
+        """The response head for the client, and the body framing, in one pass."""
+        lines = [_status_line(status, self._reason)]
+        has_cl = has_te = False
+        drop: set[bytes] | None = None
+        for name, value in self._headers:
+            low = name.lower()
+            kind = _RESPONSE_SPECIAL.get(low)
+            if kind is None:
+                lines.extend((name, b": ", value, b"\r\n"))
+            elif kind == _R_CL:
+                has_cl = True
+                lines.extend((name, b": ", value, b"\r\n"))
+            elif kind == _R_TE:
+                has_te = True
+            elif kind == _R_CONN:
+                tokens = _CONN_VALUES.get(value)
+                if tokens is None:
+                    tokens = connection_tokens(value) - HOP_BY_HOP
+                if tokens:
+                    drop = tokens if drop is None else drop | tokens
+        if drop:
+            # Rare: the upstream named its own hop-by-hop headers in Connection.
+            lines = [lines[0]] + [
+                b"%s: %s\r\n" % (n, v) for n, v in self._headers
+                if (n.lower() not in drop and n.lower() not in _RESPONSE_SPECIAL)
+                or n.lower() == b"content-length"
+            ]
+        te = False
+        if status in _NO_BODY_STATUS:
+            self._framing = _NONE
+        elif has_cl:
+            self._framing = _RAW
+        else:
+            # Chunked or close-delimited: re-chunk for HTTP/1.1 clients, else close after.
+            self._body_until_eof = not has_te
+            if client.http11:
+                self._framing = _CHUNKED
+                self._trailers = []
+                te = True
+            else:
+                self._framing = _RAW
+                client.closing = True
+        if te:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        if client.closing:
+            lines.append(b"Connection: close\r\n")
+        elif not client.http11:
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append(client.response_extra())
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     def on_body(self, body: bytes) -> None:
         if self._framing == _CHUNKED:
@@ -377,7 +421,11 @@ class ConnectionPool:
         if conn.closed:
             return
         conn.client = None
-        conn._reset_exchange()
+        # Only what a finished exchange leaves set; the next one sets the rest as it goes.
+        conn._trailers = None
+        conn._body_until_eof = False
+        conn.response_started = False
+        conn.done = False
         conn.idle_since = time.monotonic()
         stack = self._idle.setdefault(conn.upstream.url, [])
         if len(stack) >= self.max_idle:

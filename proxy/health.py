@@ -1,0 +1,126 @@
+"""Active health checks of every target, and the threshold rule passive marking shares.
+
+Each round GETs ``health_check.path`` on every target of both colors at once (any 2xx
+within ``timeout`` passes) and feeds the result to ``record_result``; the request path
+feeds connect failures to the same rule (``ProxyServer.note_connect_failure``). A target
+flips after ``healthy_threshold`` / ``unhealthy_threshold`` consecutive results; the
+pools skip unhealthy ones. Each round reads ``server.pools`` and ``server.config`` anew,
+so a reload's targets and settings apply from the next round, and ``UpstreamStats``
+(kept by URL) carry a surviving target's state across it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from config import HealthCheckConfig
+from proxy.pools import Upstream, UpstreamStats
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+
+log = logging.getLogger("bgproxy.health")
+
+
+def record_result(
+    stats: UpstreamStats, ok: bool, cfg: HealthCheckConfig, error: str | None = None
+) -> bool:
+    """Count one check result against the thresholds; True when ``stats.healthy`` flipped."""
+    if ok:
+        stats.consecutive_fail = 0
+        stats.consecutive_ok += 1
+        if not stats.healthy and stats.consecutive_ok >= cfg.healthy_threshold:
+            stats.healthy = True
+            stats.last_error = None
+            log.warning("target %s is healthy again", stats.url)
+            return True
+        return False
+    stats.consecutive_ok = 0
+    stats.consecutive_fail += 1
+    if error is not None:
+        stats.last_error = error
+    if stats.healthy and stats.consecutive_fail >= cfg.unhealthy_threshold:
+        stats.healthy = False
+        log.warning("target %s is unhealthy (%s), out of rotation", stats.url, stats.last_error)
+        return True
+    return False
+
+
+class HealthChecker:
+    """The periodic check loop: an async context manager owning its session and task."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.rounds = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> HealthChecker:
+        # One session for every check; force_close so each check proves a fresh
+        # connection is accepted (what a client request needs), like HAProxy's checks.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            auto_decompress=False,
+            headers={"User-Agent": "bgproxy-health"},
+        )
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="health-checks")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.check_all()
+            except Exception:
+                log.exception("health check round failed")
+            # Fixed rate, not fixed delay: a slow target does not stretch the period.
+            interval = self.server.config.health_check.interval
+            await asyncio.sleep(max(0.0, started + interval - loop.time()))
+
+    async def check_all(self) -> None:
+        """One round: every target of both colors, concurrently."""
+        cfg = self.server.config.health_check
+        targets = [u for pool in self.server.pools.values() for u in pool.upstreams]
+        results = await asyncio.gather(*(self._check(u, cfg) for u in targets))
+        for up, error in zip(targets, results, strict=True):
+            record_result(up.stats, error is None, cfg, error)
+        self.rounds += 1
+
+    async def _check(self, up: Upstream, cfg: HealthCheckConfig) -> str | None:
+        """None when the check passed, else a short reason (never exception text)."""
+        assert self._session is not None
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                async with self._session.get(up.url + cfg.path, allow_redirects=False) as resp:
+                    status = resp.status
+        except TimeoutError:
+            return "check timed out"
+        except aiohttp.ClientConnectionError:
+            return "check connection failed"
+        except aiohttp.ClientError:
+            return "check got a bad response"
+        if 200 <= status < 300:
+            return None
+        return f"check answered {status}"
