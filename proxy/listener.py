@@ -247,7 +247,8 @@ class ClientConnection(asyncio.Protocol):
             self._head_bytes += len(data)
         # Everything this read produces for the upstream goes out in one write, and only
         # if the whole read parsed: a smuggling attempt in one packet never leaves here.
-        self._up_out = out = []  # type: list[bytes]
+        out: list[bytes] = []
+        self._up_out = out
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
