@@ -68,6 +68,7 @@ _SPECIAL.update(
 )
 
 _BODY_BUFFER_LIMIT = 256 * 1024
+_NO_TRAILER = frozenset(_SPECIAL) | {b"x-bg-color", b"authorization", b"cookie"}
 
 
 def assert_c_parser() -> None:
@@ -256,26 +257,42 @@ class ClientConnection(asyncio.Protocol):
             self._after_upgrade_head(data[exc.args[0] :])
             return
         except httptools.HttpParserCallbackError as exc:
-            self._up_out = None
             ctx = exc.__context__
             if isinstance(ctx, _Reject):
-                self._reply(ctx.reply)
+                self._parse_failed(ctx.reply, out)
             else:
                 if ctx is not None and not isinstance(ctx, UpstreamError):
                     log.exception("internal error handling a request", exc_info=ctx)
+                self._up_out = None
                 self._reply(Reply.BAD_GATEWAY if self.up else Reply.BAD_REQUEST)
             return
         except httptools.HttpParserInvalidMethodError:
-            self._up_out = None
-            self._reply(Reply.NOT_IMPLEMENTED if self._method_shaped(data) else Reply.BAD_REQUEST)
+            bad = Reply.NOT_IMPLEMENTED if self._method_shaped(data) else Reply.BAD_REQUEST
+            self._parse_failed(bad, out)
             return
         except httptools.HttpParserError:
-            self._up_out = None
-            self._reply(Reply.BAD_REQUEST)
+            self._parse_failed(Reply.BAD_REQUEST, out)
             return
         self._flush_upstream(out)
-        if self.phase == HEAD and self._head_bytes > self.settings.max_header_bytes:
-            self._reply(Reply.HEADERS_TOO_LARGE)
+        if self.phase == HEAD:  # the head is still incomplete: never the case on the fast path
+            if self._head_bytes > self.settings.max_header_bytes:
+                self._reply(Reply.HEADERS_TOO_LARGE)
+            elif self._head_bytes == len(data) and _is_http09(data):
+                self._reply(Reply.BAD_REQUEST)  # llhttp would wait for a version that never comes
+
+    def _parse_failed(self, reply: Reply, out: list[bytes]) -> None:
+        """A read did not parse. If the error is in a request pipelined behind a running
+        exchange, that exchange's bytes were good: send them, and answer the error in its
+        turn (writing it now would cut into the response in flight)."""
+        if self._active and (self._req_done or self._queue):
+            self._flush_upstream(out)
+            if not self._queue:
+                self._queue = [_Pending()]
+            self._queue[-1].reject = reply
+            self._pause(4)
+            return
+        self._up_out = None
+        self._reply(reply)
 
     def _flush_upstream(self, out: list[bytes]) -> None:
         self._up_out = None
@@ -307,7 +324,11 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         if self._queue:
-            self._queue[-1].url += url
+            pending = self._queue[-1]
+            pending.url += url
+            pending.size += len(url)
+            if pending.size > self.settings.max_header_bytes:
+                raise _Reject(Reply.URI_TOO_LONG)
             return
         self._url += url
         if len(self._url) > self.settings.max_header_bytes:
@@ -316,7 +337,16 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._queue:
             pending = self._queue[-1]
-            (pending.trailers if pending.head_done else pending.headers).append((name, value))
+            if pending.head_done:
+                pending.trailers.append((name, value))
+                return
+            pending.headers.append((name, value))
+            pending.size += len(name) + len(value) + 4
+            if (
+                pending.size > self.settings.max_header_bytes
+                or len(pending.headers) > self.settings.max_headers
+            ):
+                raise _Reject(Reply.HEADERS_TOO_LARGE)
             return
         if self._trailers is not None:
             self._trailers.append((name, value))
@@ -365,7 +395,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _request_complete(self) -> None:
         if self._chunked:
-            trailers = self._trailers or []
+            # Trailers may not carry framing, routing or forwarding fields (RFC 9110 §6.5.1).
+            trailers = [t for t in self._trailers or () if t[0].lower() not in _NO_TRAILER]
             self._send_body(b"0\r\n" + b"".join(b"%s: %s\r\n" % t for t in trailers) + b"\r\n")
         self._req_done = True
         up = self.up
@@ -414,6 +445,7 @@ class ClientConnection(asyncio.Protocol):
         conn_tokens: set[bytes] | None = None
         xff: bytes | None = None
         ws_key: bytes | None = None
+        content_length: bytes | None = None
         lines: list[bytes] = [method, b" ", b"", b" HTTP/1.1\r\n"]  # [2]: the target, below
         forwarded: set[bytes] = set()
         trusted = s.is_trusted(self.peer)
@@ -444,6 +476,7 @@ class ClientConnection(asyncio.Protocol):
                 if limit is not None and int(value) > limit:
                     raise _Reject(Reply.PAYLOAD_TOO_LARGE)  # refused before a byte is read
                 lines.extend((name, b": ", value, b"\r\n"))
+                content_length = value
             elif kind == _H_WSKEY:
                 ws_key = value
                 lines.extend((name, b": ", value, b"\r\n"))
@@ -520,7 +553,11 @@ class ClientConnection(asyncio.Protocol):
             if method != b"GET" or not _valid_ws_key(ws_key):
                 raise _Reject(Reply.BAD_REQUEST)
         if upgrade and not is_upgrade:
-            self.closing = True  # h2c and friends: answered as plain HTTP/1.1, then closed
+            # h2c: answered as plain HTTP/1.1, then closed. llhttp ends an upgrade request
+            # at its head, so a body could not be framed: refuse one rather than lose it.
+            if te is not None or (content_length is not None and content_length != b"0"):
+                raise _Reject(Reply.BAD_REQUEST)
+            self.closing = True
         self._upgrade = is_upgrade
         self._websocket = (
             is_upgrade and upgrade_value is not None and (upgrade_value.lower() == b"websocket")
@@ -722,6 +759,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if reply.status < 500:
             self.server.note_bad_request(reply.status)
+        if self._response_started:
+            # A response is already on the wire: an error now would corrupt it; cut it.
+            self.phase = CLOSED
+            self._end_exchange(aborted=True)
+            self.transport.abort()
+            return
         extra = self._extra if self.color is not None else b""
         self.transport.write(error_response(reply, extra))
         self.phase = CLOSED
@@ -780,7 +823,11 @@ class ClientConnection(asyncio.Protocol):
         pending = queue.pop(0)
         if not queue:
             self._queue = None
+        if pending.reject is not None:
+            self._reply(pending.reject)
+            return
         if not pending.head_done:
+            self.deadline = self.server.now + self.settings.request_header_timeout
             # Its head is still arriving: stop queueing, let the parser feed us directly.
             self._url = pending.url
             self._headers = pending.headers
@@ -805,6 +852,12 @@ class ClientConnection(asyncio.Protocol):
             self._resume(4)
 
 
+def _is_http09(data: bytes) -> bool:
+    """A complete first line with no HTTP version: an HTTP/0.9 simple request."""
+    end = data.find(b"\n")
+    return end >= 0 and b" HTTP/" not in data[:end]
+
+
 def _valid_ws_key(key: bytes | None) -> bool:
     """RFC 6455 §4.1: base64 of 16 bytes."""
     if key is None:
@@ -825,6 +878,8 @@ class _Pending:
         "headers",
         "keep_alive",
         "method",
+        "reject",
+        "size",
         "trailers",
         "upgrade",
         "url",
@@ -842,3 +897,5 @@ class _Pending:
         self.version = "1.1"
         self.keep_alive = True
         self.upgrade = False
+        self.size = 0  # head bytes so far, against limits.max_header_bytes
+        self.reject: Reply | None = None  # a parse error, answered when its turn comes

@@ -317,6 +317,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The response head for the client, and the body framing, in one pass."""
         lines = [_status_line(status, self._reason)]
         has_cl = has_te = False
+        codings: bytes | None = None  # a transfer coding other than chunked, kept for the client
         drop: set[bytes] | None = None
         for name, value in self._headers:
             low = name.lower()
@@ -327,7 +328,10 @@ class UpstreamConnection(asyncio.Protocol):
                 has_cl = True
                 lines.extend((name, b": ", value, b"\r\n"))
             elif kind == _R_TE:
-                has_te = True
+                # Only a final "chunked" delimits the body; any other coding runs to close.
+                has_te = value.rpartition(b",")[2].strip().lower() == b"chunked"
+                if not has_te:
+                    codings = value
             elif kind == _R_CONN:
                 tokens = _CONN_VALUES.get(value)
                 if tokens is None:
@@ -357,7 +361,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._framing = _RAW
                 client.closing = True
         if te:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            if codings is not None:
+                lines += (b"Transfer-Encoding: ", codings, b", chunked\r\n")
+            else:
+                lines.append(b"Transfer-Encoding: chunked\r\n")
         if client.closing:
             lines.append(b"Connection: close\r\n")
         elif not client.http11:
