@@ -1,0 +1,174 @@
+"""``GET /metrics``: Prometheus text built at scrape time from the live objects.
+
+The request path only bumps plain counters on ``ProxyServer``; this collector turns them,
+the pools' health and the current routing snapshot into metric families when Prometheus
+scrapes, so serving a request never touches prometheus-client. The registry is injected
+(``build_registry``), never the global one. Labels are bounded: color, status code,
+error kind, trigger, and target URLs as configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from proxy.state import COLORS
+from proxy.stats import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from admin.api import ControlPlane
+
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
+TRIGGERS = ("manual", "auto")
+
+
+class ProxyCollector:
+    """Reads the server's counters and the routing snapshot at every scrape."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def describe(self) -> list[Metric]:
+        # Names only (for the registry's duplicate check); values come from collect.
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        control = self.control
+        server = control.server
+        state = control.store.snapshot()
+
+        requests = CounterMetricFamily(
+            "bgproxy_requests_total",
+            "Responses to requests routed to a color, by exact status code.",
+            labels=["color", "code"],
+        )
+        for (color, status), n in sorted(
+            server.responses.items(), key=lambda kv: (kv[0][0].value, kv[0][1])
+        ):
+            requests.add_metric([color.value, str(status)], n)
+        yield requests
+
+        duration = HistogramMetricFamily(
+            "bgproxy_request_duration_seconds",
+            "Time from routing a request to the upstream's response head (or the proxy's "
+            "own error reply).",
+            labels=["color"],
+        )
+        bounds = [_le(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for color in COLORS:
+            t = server.traffic.colors[color]
+            cumulative, running = [], 0
+            for le, n in zip(bounds, t.counts, strict=True):
+                running += n
+                cumulative.append((le, float(running)))
+            duration.add_metric([color.value], cumulative, sum_value=t.latency_sum)
+        yield duration
+
+        in_flight = GaugeMetricFamily(
+            "bgproxy_in_flight_requests", "Requests in flight per color.", labels=["color"]
+        )
+        websockets = GaugeMetricFamily(
+            "bgproxy_websocket_connections",
+            "Open WebSocket connections per color.",
+            labels=["color"],
+        )
+        reconnects = CounterMetricFamily(
+            "bgproxy_websocket_reconnects_sent_total",
+            "Reconnect messages sent to WebSocket clients, by the color they were on.",
+            labels=["color"],
+        )
+        for color in COLORS:
+            in_flight.add_metric([color.value], server.in_flight[color])
+            websockets.add_metric([color.value], server.websockets[color])
+            reconnects.add_metric([color.value], server.drain.reconnects_sent[color])
+        yield in_flight
+        yield websockets
+        yield reconnects
+
+        errors = CounterMetricFamily(
+            "bgproxy_upstream_errors_total",
+            "Failures talking to upstreams, by kind (connect, timeout, protocol).",
+            labels=["color", "kind"],
+        )
+        kinds = sorted(set(UPSTREAM_ERROR_KINDS) | {k for _, k in server.upstream_errors})
+        for color in COLORS:
+            for kind in kinds:
+                errors.add_metric([color.value, kind], server.upstream_errors[color, kind])
+        yield errors
+
+        healthy = GaugeMetricFamily(
+            "bgproxy_upstream_healthy",
+            "1 when the target passes its health checks (in rotation), else 0.",
+            labels=["color", "target"],
+        )
+        for color, pool in server.pools.items():
+            for up in pool.upstreams:
+                healthy.add_metric([color.value, up.url], 1.0 if up.stats.healthy else 0.0)
+        yield healthy
+
+        active = GaugeMetricFamily(
+            "bgproxy_active_color", "1 for the active color, else 0.", labels=["color"]
+        )
+        weight = GaugeMetricFamily(
+            "bgproxy_weight", "Traffic weight of each color.", labels=["color"]
+        )
+        for color in COLORS:
+            active.add_metric([color.value], 1.0 if state.active is color else 0.0)
+            weight.add_metric([color.value], state.weights.of(color))
+        yield active
+        yield weight
+        yield GaugeMetricFamily(
+            "bgproxy_state_generation",
+            "Generation of the routing state this instance applies.",
+            value=state.generation,
+        )
+
+        switches = CounterMetricFamily(
+            "bgproxy_switches_total",
+            "Routing changes accepted through this instance (switch, weights, rollback).",
+            labels=["trigger"],
+        )
+        for trigger in TRIGGERS:
+            switches.add_metric([trigger], control.switches[trigger])
+        yield switches
+        rollback = control.rollback
+        yield CounterMetricFamily(
+            "bgproxy_auto_rollbacks_total",
+            "Rollbacks the rollback controller made.",
+            value=rollback.auto_rollbacks if rollback is not None else 0,
+        )
+        yield GaugeMetricFamily(
+            "bgproxy_state_store_available",
+            "1 when the state store accepts writes, else 0 (the proxy keeps serving).",
+            value=1.0 if control.store.available else 0.0,
+        )
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def build_registry(control: ControlPlane) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(control))
+    return registry
+
+
+def add_metrics_route(app: web.Application, registry: CollectorRegistry) -> None:
+    """``GET /metrics`` on the admin app (behind its token like every other endpoint)."""
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app.router.add_get("/metrics", metrics)
