@@ -1,23 +1,47 @@
 # bgproxy: blue-green traffic-switching reverse proxy.
+#
 #   docker build -t bgproxy .
-#   docker run -p 8080:8080 -p 9901:9901 -v $PWD/bgproxy.yaml:/etc/bgproxy/bgproxy.yaml:ro bgproxy
-FROM python:3.12-slim
+#   docker run --rm -p 8080:8080 -p 9901:9901 \
+#     -e BGPROXY_ADMIN_TOKEN="$(openssl rand -hex 32)" \
+#     -v "$PWD/bgproxy.yaml:/etc/bgproxy/bgproxy.yaml:ro" bgproxy
+#
+# Config:  /etc/bgproxy/bgproxy.yaml (mount yours over it; the image ships
+#          config/examples/bgproxy.yaml there, whose admin listener is loopback-only).
+# Ports:   8080 the public listener, 9901 the admin API, /metrics and the dashboard.
+#          To reach 9901 from outside the container, set admin.listen to "0.0.0.0:9901"
+#          and BGPROXY_ADMIN_TOKEN (bgproxy refuses a non-loopback admin without a token).
+# Signals: SIGTERM drains and exits by drain.timeout; SIGHUP reloads the config file.
+# See docs/edge-deployment.md.
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
-WORKDIR /app
+# Build stage: wheels for bgproxy and its dependencies, so the final image holds
+# neither the source tree nor pip's build leftovers.
+# Python 3.11: the version the test suite runs on.
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY admin ./admin
 COPY config ./config
-RUN pip install . && useradd --system --uid 10001 --no-create-home bgproxy \
-    && mkdir -p /etc/bgproxy && cp config/examples/bgproxy.yaml /etc/bgproxy/bgproxy.yaml
+RUN pip wheel --wheel-dir /wheels .
 
-USER bgproxy
+FROM python:3.11-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    BGPROXY_HEALTHCHECK_URL=http://127.0.0.1:9901/healthz
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels bgproxy \
+    && groupadd --system --gid 10001 bgproxy \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin bgproxy
+COPY config/examples/bgproxy.yaml /etc/bgproxy/bgproxy.yaml
+
+# Numeric, so Kubernetes' runAsNonRoot can verify it without a runAsUser.
+USER 10001:10001
 EXPOSE 8080 9901
-# The admin listener must be reachable inside the container for the health check;
-# mount a config whose admin.listen is 0.0.0.0:9901 with BGPROXY_ADMIN_TOKEN set to expose it.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2)" || exit 1
+# Liveness of the admin listener, from inside the container (loopback works with the
+# default config). Override BGPROXY_HEALTHCHECK_URL if admin.listen uses another port.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['BGPROXY_HEALTHCHECK_URL'], timeout=2)"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["bgproxy"]
 CMD ["serve", "-c", "/etc/bgproxy/bgproxy.yaml"]

@@ -9,11 +9,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
+from admin.cli_output import (
+    drain_line,
+    format_events,
+    format_status,
+    interval_line,
+    rollback_line,
+)
 from config import ConfigError, load_config
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
@@ -22,6 +31,14 @@ DEFAULT_ADMIN = "http://127.0.0.1:9901"
 class CliError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
+        self.code = code
+
+
+class Refused(Exception):
+    """The proxy said no; the reason is already printed. Ends the command with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
         self.code = code
 
 
@@ -34,6 +51,16 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=argparse.SUPPRESS if suppress else False,
         help="print JSON for scripts",
     )
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be between 1 and 1000")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,16 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("color", choices=["blue", "green"])
     p.add_argument("--reason")
     p.add_argument("--force", action="store_true", help="skip pre-switch gates")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the drain and the rollback watch to the end (exit 1 if rolled back)",
+    )
     _common(p, suppress=True)
     p = sub.add_parser("weights", help="split traffic by weights")
     p.add_argument("blue", type=int)
     p.add_argument("green", type=int)
+    p.add_argument("--reason")
+    p.add_argument("--force", action="store_true", help="skip pre-switch gates")
     _common(p, suppress=True)
     p = sub.add_parser("rollback", help="restore the previous state")
     p.add_argument("--reason")
     _common(p, suppress=True)
     p = sub.add_parser("events", help="show the audit trail")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_limit, default=20, metavar="N", help="newest N (1-1000)")
     _common(p, suppress=True)
     return parser
 
@@ -83,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"bgproxy: {exc}", file=sys.stderr)
         return exc.code
+    except Refused as exc:
+        return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `bgproxy events | head`: the reader left; not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -112,13 +152,33 @@ def _run(args: argparse.Namespace) -> int:
 
 # -- operator commands ----------------------------------------------------------------------
 
+# Answers that mean the command itself is wrong (bad input, no or wrong token, wrong
+# URL): exit 2 like a usage error. Any other refusal (409 gate failed or generation
+# mismatch, 503 store unavailable) is the proxy saying no: exit 1.
+_USAGE_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415})
+_POLL_INTERVAL = 0.5
+
+
+def _admin_base(args: argparse.Namespace) -> str:
+    base = (args.admin or os.environ.get("BGPROXY_ADMIN_URL") or DEFAULT_ADMIN).strip()
+    if "://" not in base:
+        base = "http://" + base  # "127.0.0.1:9901" is what people type
+    return base.rstrip("/")
+
 
 def _request(
-    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+    args: argparse.Namespace,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    timeout: float = 60.0,
 ) -> tuple[int, dict[str, Any]]:
-    base = (args.admin or os.environ.get("BGPROXY_ADMIN_URL") or DEFAULT_ADMIN).rstrip("/")
+    base = _admin_base(args)
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method)
+    try:
+        req = urllib.request.Request(base + path, data=data, method=method)
+    except ValueError as exc:
+        raise CliError(f"--admin: not a usable URL: {base!r}", 2) from exc
     req.add_header("Accept", "application/json")
     if data is not None:
         req.add_header("Content-Type", "application/json")
@@ -126,52 +186,103 @@ def _request(
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload = json.loads(resp.read() or b"{}")
+            status = resp.status
     except urllib.error.HTTPError as exc:
         try:
             payload = json.loads(exc.read() or b"{}")
         except ValueError:
-            payload = {"error": "http_error", "detail": f"HTTP {exc.code}"}
+            payload = {}
+        if not isinstance(payload, dict) or "error" not in payload:
+            # Not the admin API talking (a proxy in front, a wrong port): say what we got.
+            payload = {"error": "http_error", "detail": f"HTTP {exc.code} {exc.reason}"}
         return exc.code, payload
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach the admin API at {base}: {reason}", 2) from exc
+        raise CliError(
+            f"cannot reach the admin API at {base}: {reason} "
+            "(is the proxy running? --admin URL or $BGPROXY_ADMIN_URL)",
+            2,
+        ) from exc
     except ValueError as exc:
         raise CliError(f"the admin API at {base} did not answer JSON", 2) from exc
+    if not isinstance(payload, dict):
+        raise CliError(f"the admin API at {base} answered unexpected JSON", 2)
+    return status, payload
+
+
+def _refused(args: argparse.Namespace, status: int, payload: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    else:
+        print(
+            f"refused ({status} {payload.get('error')}): {payload.get('detail')}",
+            file=sys.stderr,
+        )
+        if payload.get("error") == "gate_failed":
+            print("  fix the cause and retry, or --force to skip the gates", file=sys.stderr)
+        elif status == 401:
+            print("  set $BGPROXY_ADMIN_TOKEN to the proxy's admin token", file=sys.stderr)
+    return 2 if status in _USAGE_STATUSES else 1
+
+
+def _checked(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The answer of a call that must succeed; a refusal ends the command with its code."""
+    status, payload = _request(args, method, path, body)
+    if status >= 400:
+        raise Refused(_refused(args, status, payload))
+    return payload
+
+
+def _summary(before: dict[str, Any], after: dict[str, Any]) -> str:
+    def show(s: dict[str, Any]) -> str:
+        w = s.get("weights") or {}
+        if w.get("blue") and w.get("green"):
+            return f"split blue {w['blue']} / green {w['green']}"
+        return str(s.get("active"))
+
+    gen_before, gen_after = before.get("generation"), after.get("generation")
+    if gen_before == gen_after:
+        return f"nothing to change: {show(after)} is already live (generation {gen_after})"
+    return f"{show(before)} -> {show(after)}   (generation {gen_before} -> {gen_after})"
 
 
 def _operator(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "status":
-        status, payload = _request(args, "GET", "/status")
-    elif cmd == "switch":
-        body: dict[str, Any] = {"color": args.color}
-        if args.reason:
-            body["reason"] = args.reason
-        if args.force:
-            body["force"] = True
-        status, payload = _request(args, "POST", "/switch", body)
-    elif cmd == "weights":
-        weights = {"blue": args.blue, "green": args.green}
-        status, payload = _request(args, "POST", "/weights", weights)
-    elif cmd == "rollback":
-        status, payload = _request(
-            args, "POST", "/rollback", {"reason": args.reason} if args.reason else {}
-        )
+        payload = _checked(args, "GET", "/status")
     elif cmd == "events":
-        status, payload = _request(args, "GET", f"/events?limit={args.limit}")
-    else:  # pragma: no cover - argparse rejects unknown commands
-        raise CliError(f"unknown command {cmd}", 2)
-    if status >= 400:
-        if args.json:
-            print(json.dumps(payload, indent=2))
-        else:
-            print(
-                f"refused ({status} {payload.get('error')}): {payload.get('detail')}",
-                file=sys.stderr,
-            )
-        return 2 if status in (400, 401, 404, 405, 413) else 1
+        payload = _checked(args, "GET", f"/events?limit={args.limit}")
+    else:
+        before = _checked(args, "GET", "/status")
+        if cmd == "switch":
+            body: dict[str, Any] = {"color": args.color}
+            if args.force:
+                body["force"] = True
+            path = "/switch"
+        elif cmd == "weights":
+            body, path = {"blue": args.blue, "green": args.green}, "/weights"
+            if args.force:
+                body["force"] = True
+        elif cmd == "rollback":
+            body, path = {}, "/rollback"
+        else:  # pragma: no cover - argparse rejects unknown commands
+            raise CliError(f"unknown command {cmd}", 2)
+        if getattr(args, "reason", None):
+            body["reason"] = args.reason
+        payload = _checked(args, "POST", path, body)
+        if not args.json:
+            print(_summary(before, payload))
+        if cmd == "switch" and args.wait:
+            try:
+                return follow_switch(args, args.color, payload)
+            except KeyboardInterrupt:
+                generation = payload.get("generation")
+                print(f"\nstopped waiting; the switch stands (generation {generation})")
+                return 130
     if args.json:
         print(json.dumps(payload, indent=2))
     elif cmd == "events":
@@ -181,50 +292,107 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_status(s: dict[str, Any]) -> str:
-    w = s.get("weights", {})
-    lines = [
-        f"active      {s.get('active')}",
-        f"weights     blue={w.get('blue')} green={w.get('green')}",
-        f"generation  {s.get('generation')}   previous {s.get('previous')}   "
-        f"changed {s.get('changed_at')}",
-        "",
-        f"{'COLOR':<7} {'HEALTHY':<8} {'IN-FLIGHT':>9} {'WEBSOCKETS':>10}  TARGETS",
-    ]
-    for name, c in s.get("colors", {}).items():
-        targets = ", ".join(
-            f"{t['url']}{'' if t['healthy'] else ' (down)'}" for t in c.get("targets", [])
-        )
-        lines.append(
-            f"{name:<7} {'yes' if c.get('healthy') else 'NO':<8} {c.get('in_flight', 0):>9} "
-            f"{c.get('websockets', 0):>10}  {targets}"
-        )
-    lines.append("")
-    for label, part in (("drain", s.get("drain") or {}), ("rollback", s.get("rollback") or {})):
-        color = f" ({part['color']})" if part.get("color") else ""
-        lines.append(f"{label:<11} {part.get('state')}{color}")
-    instances = s.get("instances") or []
-    if instances:
-        lines.append("")
-        lines.append(f"{'INSTANCE':<24} {'GENERATION':>10}  LAST SEEN")
-        for i in instances:
-            lines.append(
-                f"{i.get('id', '?'):<24} {i.get('generation', '?'):>10}  {i.get('last_seen')}"
-            )
-    return "\n".join(lines)
+# -- switch --wait ---------------------------------------------------------------------------
 
 
-def format_events(events: list[dict[str, Any]]) -> str:
-    if not events:
-        return "no events"
-    lines = [f"{'AT':<25} {'GEN':>4} {'ACTION':<9} {'FROM':<22} {'TO':<22} {'BY':<7} REASON"]
-    for e in events:
-        by = e.get("actor") if e.get("trigger") == "manual" else "auto"
-        lines.append(
-            f"{e.get('at', ''):<25} {e.get('generation', ''):>4} {e.get('action', ''):<9} "
-            f"{e.get('from') or '-':<22} {e.get('to') or '-':<22} {by:<7} {e.get('reason') or ''}"
-        )
-    return "\n".join(lines)
+class Progress:
+    """One status line: rewritten in place on a terminal, printed on change otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.key = ""
+        self.printed_at = 0.0
+        self.dirty = False
+
+    def show(self, key: str, text: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty:
+            # Cut to the terminal's width: a wrapped line could not be rewritten in place.
+            width = shutil.get_terminal_size().columns
+            sys.stdout.write("\r\033[K" + text[: max(20, width - 1)])
+            sys.stdout.flush()
+            self.dirty = True
+        elif key != self.key or now - self.printed_at >= 10:
+            # A log or a CI job gets a line per change, and a heartbeat every 10 s.
+            print(text, flush=True)
+            self.printed_at = now
+        self.key = key
+
+    def done(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.dirty:
+            sys.stdout.write("\r\033[K")
+            self.dirty = False
+        print(text, flush=True)
+
+
+def _auto_reason(args: argparse.Namespace, generation: Any) -> str:
+    status, payload = _request(args, "GET", "/events?limit=20")
+    if status < 400:
+        for event in payload.get("events", []):
+            if event.get("trigger") == "auto" and event.get("generation") == generation:
+                return str(event.get("reason") or "thresholds crossed")
+    return "thresholds crossed"
+
+
+def follow_switch(args: argparse.Namespace, color: str, after: dict[str, Any]) -> int:
+    """Poll /status until the drain has ended and the rollback watch of ``color`` is over.
+
+    Exit 0 when ``color`` is still live at the end, 1 when it was rolled back
+    automatically or someone else changed the state meanwhile.
+    """
+    progress = Progress(enabled=not args.json)
+    generation = after.get("generation")
+    status = after
+    drain_reported = False
+    watched = False
+    while True:
+        now = time.time()
+        drain = status.get("drain") or {}
+        rb = status.get("rollback") or {}
+        if status.get("generation") != generation:
+            if rb.get("state") == "rolled_back" and rb.get("color") == color:
+                reason = _auto_reason(args, status.get("generation"))
+                progress.done(f"rollback    ROLLED BACK to {status.get('active')}: {reason}")
+                message = f"{color} was rolled back automatically: {reason}"
+            else:
+                message = (
+                    f"the state changed meanwhile: generation {status.get('generation')}, "
+                    f"{status.get('active')} live"
+                )
+            if args.json:
+                print(json.dumps(status, indent=2))
+            print(f"bgproxy: {message}", file=sys.stderr)
+            return 1
+        if drain.get("state") == "draining":
+            line = drain_line(drain, status.get("colors") or {}, now)
+            progress.show("drain", f"drain       {line}")
+        else:
+            if not drain_reported and drain.get("state") == "done":
+                progress.done(f"drain       {drain_line(drain, status.get('colors') or {}, now)}")
+            drain_reported = True
+            if rb.get("state") == "watching" and rb.get("color") == color:
+                watched = True
+                fails = rb.get("consecutive_failures") or 0
+                progress.show(f"watch-{fails}", f"rollback    {rollback_line(rb, now)}")
+            else:
+                if rb.get("enabled") is False:
+                    progress.done("rollback    not watched (automatic rollback disabled)")
+                elif not watched:
+                    # Only a change that gives a color traffic it did not have is watched.
+                    progress.done(f"rollback    not watched ({color} already had traffic)")
+                else:
+                    progress.done(f"rollback    watch passed: {interval_line(rb.get('last'))}")
+                progress.done(f"{color} is live (generation {generation})")
+                if args.json:
+                    print(json.dumps(status, indent=2))
+                return 0
+        time.sleep(_POLL_INTERVAL)
+        status = _checked(args, "GET", "/status")
 
 
 if __name__ == "__main__":  # pragma: no cover

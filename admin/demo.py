@@ -47,7 +47,9 @@ def sample_app(color: str, version: str, chaos: Chaos) -> web.Application:
             chaos.delay = min(30.0, max(0.0, float(request.query.get("delay", "0"))))
         except ValueError:
             return web.json_response({"error": "fail_rate and delay must be numbers"}, status=400)
-        return web.json_response({"color": color, "fail_rate": chaos.fail_rate, "delay": chaos.delay})
+        return web.json_response(
+            {"color": color, "fail_rate": chaos.fail_rate, "delay": chaos.delay}
+        )
 
     async def ws(request: web.Request) -> web.WebSocketResponse:
         sock = web.WebSocketResponse()
@@ -108,7 +110,7 @@ async def run_demo(port: int, admin_port: int, app_ports: tuple[int, int], rate:
                 ) from exc
         config = parse_config(demo_config(port, admin_port, *app_ports))
         async with running(config) as run:
-            host, pport = run.proxy_address
+            _, pport = run.proxy_address
             _, aport = run.admin_address
             proxy_url = f"http://127.0.0.1:{pport}"
             admin_url = f"http://127.0.0.1:{aport}"

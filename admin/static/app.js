@@ -1,0 +1,819 @@
+// bgproxy dashboard: a client of the admin API, like the CLI. No framework, no build step.
+//
+// State comes only from GET /status (every second) and GET /events; the charts' history
+// lives in this page. Mutations are JSON POSTs with an Authorization: Bearer header and
+// no cookies, so another site cannot forge them. All text from the API is inserted with
+// textContent, never as HTML: an event reason is operator input.
+"use strict";
+
+(() => {
+  const POLL_MS = 1000;
+  const EVENTS_EVERY_MS = 5000;
+  const HISTORY_MS = 5 * 60 * 1000;
+  const STALE_MS = 3500;
+  const TOKEN_KEY = "bgproxy.adminToken";
+  const COLORS = ["blue", "green"];
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  const $ = (id) => document.getElementById(id);
+
+  const app = {
+    status: null,
+    events: [],
+    history: [], // [{t, blue: {rps, error_rate, p99}, green: {...}}], oldest first
+    lastOk: 0,
+    lastError: null,
+    eventsGen: null,
+    eventsAt: 0,
+    eventsBusy: false,
+    tokenWaiter: null,
+    tokenDeclined: false,
+    weightsDirty: false,
+    action: null, // the confirm dialog's pending action
+  };
+
+  class ApiError extends Error {
+    constructor(status, code, detail) {
+      super(detail);
+      this.status = status;
+      this.code = code;
+      this.detail = detail;
+    }
+    describe() {
+      return this.status ? `${this.status} ${this.code}: ${this.detail}` : this.detail;
+    }
+  }
+
+  // --- DOM helpers -----------------------------------------------------------------------
+
+  function h(tag, props, ...children) {
+    const el = document.createElement(tag);
+    setProps(el, props);
+    for (const c of children.flat()) {
+      if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
+    }
+    return el;
+  }
+
+  function s(tag, props) {
+    const el = document.createElementNS(SVG_NS, tag);
+    setProps(el, props);
+    return el;
+  }
+
+  function setProps(el, props) {
+    if (!props) return;
+    for (const [k, v] of Object.entries(props)) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "text") el.textContent = v;
+      else el.setAttribute(k, v === true ? "" : String(v));
+    }
+  }
+
+  function shape(color) {
+    return h("span", { class: `shape shape-${color}`, "aria-hidden": "true" });
+  }
+
+  function colorName(color) {
+    return h("span", { class: `cname cname-${color}` }, shape(color), color);
+  }
+
+  // --- formatting ------------------------------------------------------------------------
+
+  const num = (v) => typeof v === "number" && Number.isFinite(v);
+
+  function fmtRps(v) {
+    if (!num(v)) return "—";
+    return v < 10 ? v.toFixed(1) : String(Math.round(v));
+  }
+
+  function fmtPct(v) {
+    if (!num(v)) return "—";
+    const p = v * 100;
+    return `${p < 10 ? p.toFixed(1) : Math.round(p)}%`;
+  }
+
+  function fmtLatency(v) {
+    if (!num(v)) return "—";
+    if (v < 0.001) return "<1 ms";
+    if (v < 1) return `${Math.round(v * 1000)} ms`;
+    return `${v.toFixed(2)} s`;
+  }
+
+  // /status mixes epoch seconds (drain) and RFC 3339 strings (changed_at, events).
+  function toDate(v) {
+    if (num(v)) return new Date(v * 1000);
+    if (typeof v === "string" && v) {
+      const d = new Date(v);
+      return Number.isNaN(d.getTime()) ? null : d;
+    }
+    return null;
+  }
+
+  function fmtClock(d) {
+    if (!d) return "—";
+    const time = d.toLocaleTimeString([], { hour12: false });
+    const today = new Date().toDateString() === d.toDateString();
+    return today ? time : `${d.toLocaleDateString()} ${time}`;
+  }
+
+  function fmtSpan(ms) {
+    const sec = Math.max(0, Math.round(ms / 1000));
+    if (sec < 60) return `${sec} s`;
+    const m = Math.floor(sec / 60);
+    if (m < 60) return `${m}:${String(sec % 60).padStart(2, "0")} min`;
+    return `${Math.floor(m / 60)} h ${m % 60} min`;
+  }
+
+  function fmtAgo(d) {
+    if (!d) return "";
+    const ms = Date.now() - d.getTime();
+    return ms >= 0 ? `${fmtSpan(ms)} ago` : `in ${fmtSpan(-ms)}`;
+  }
+
+  function timeEl(v) {
+    const d = toDate(v);
+    if (!d) return h("span", { text: "—" });
+    return h("time", { datetime: d.toISOString(), title: d.toISOString() }, fmtClock(d), " ",
+      h("span", { class: "muted", text: `(${fmtAgo(d)})` }));
+  }
+
+  // --- the admin API ---------------------------------------------------------------------
+
+  function storedToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch {
+      return null;
+    }
+  }
+
+  async function api(method, path, body) {
+    // A 401 asks for the token (once, shared by concurrent calls) and retries.
+    for (let attempt = 0; attempt < 3; attempt += 1) {
+      const token = storedToken();
+      const headers = { Accept: "application/json" };
+      if (token) headers.Authorization = `Bearer ${token}`;
+      const init = { method, headers, cache: "no-store", credentials: "omit", redirect: "error" };
+      if (body !== undefined) {
+        headers["Content-Type"] = "application/json";
+        init.body = JSON.stringify(body);
+      }
+      // Gates (smoke probes, warm-up) can take a while; reads must not hang the poll loop.
+      const ctrl = new AbortController();
+      const timer = setTimeout(() => ctrl.abort(), method === "GET" ? 5000 : 120000);
+      init.signal = ctrl.signal;
+      let resp;
+      let data = null;
+      try {
+        resp = await fetch(path, init);
+        const text = await resp.text();
+        if (text) {
+          try {
+            data = JSON.parse(text);
+          } catch {
+            data = null;
+          }
+        }
+      } catch {
+        const why = ctrl.signal.aborted ? "the admin API did not answer in time" : "cannot reach the admin API";
+        throw new ApiError(0, "unreachable", why);
+      } finally {
+        clearTimeout(timer);
+      }
+      if (resp.status === 401) {
+        await askToken(token ? "The token was refused. Enter the current admin token." : null);
+        continue;
+      }
+      if (!resp.ok) {
+        const code = (data && data.error) || `http_${resp.status}`;
+        const detail = (data && data.detail) || resp.statusText || "request failed";
+        throw new ApiError(resp.status, code, detail);
+      }
+      return data;
+    }
+    throw new ApiError(401, "unauthorized", "a valid bearer token is required");
+  }
+
+  function askToken(message) {
+    if (app.tokenWaiter) return app.tokenWaiter;
+    if (app.tokenDeclined) {
+      return Promise.reject(new ApiError(401, "unauthorized", "this admin API needs a token"));
+    }
+    const dlg = $("token-dialog");
+    const form = $("token-form");
+    const input = $("token-input");
+    app.tokenWaiter = new Promise((resolve, reject) => {
+      const finish = (ok) => {
+        form.removeEventListener("submit", onSubmit);
+        $("token-cancel").removeEventListener("click", onCancel);
+        dlg.removeEventListener("cancel", onCancel);
+        if (dlg.open) dlg.close();
+        input.value = "";
+        app.tokenWaiter = null;
+        renderTokenButton();
+        if (ok) {
+          resolve();
+        } else {
+          app.tokenDeclined = true;
+          showBanner("This admin API needs a bearer token.", { label: "Enter token", run: retryToken });
+          reject(new ApiError(401, "unauthorized", "no token given"));
+        }
+      };
+      const onSubmit = (ev) => {
+        ev.preventDefault();
+        const value = input.value.trim();
+        if (!value) return;
+        try {
+          sessionStorage.setItem(TOKEN_KEY, value);
+        } catch {
+          // sessionStorage off (private mode policies): nothing to keep it in; fail closed.
+        }
+        finish(true);
+      };
+      const onCancel = (ev) => {
+        ev.preventDefault();
+        finish(false);
+      };
+      form.addEventListener("submit", onSubmit);
+      $("token-cancel").addEventListener("click", onCancel);
+      dlg.addEventListener("cancel", onCancel);
+      $("token-text").textContent = message
+        || "This admin API requires a bearer token ($BGPROXY_ADMIN_TOKEN on the proxy). It is kept in this browser tab only.";
+      input.value = "";
+      dlg.showModal();
+      input.focus();
+    });
+    return app.tokenWaiter;
+  }
+
+  function retryToken() {
+    app.tokenDeclined = false;
+    hideBanner();
+    askToken(null).catch(() => {});
+  }
+
+  function renderTokenButton() {
+    const btn = $("token-btn");
+    if (storedToken()) {
+      btn.textContent = "Forget token";
+      btn.hidden = false;
+    } else if (app.tokenDeclined) {
+      btn.textContent = "Enter token";
+      btn.hidden = false;
+    } else {
+      btn.hidden = true;
+    }
+  }
+
+  // --- polling ---------------------------------------------------------------------------
+
+  async function pollStatus() {
+    try {
+      const status = await api("GET", "/status");
+      app.lastOk = Date.now();
+      app.lastError = null;
+      onStatus(status);
+    } catch (e) {
+      app.lastError = e;
+      if (e.status && e.status !== 401) showBanner(`GET /status: ${e.describe()}`);
+    }
+    renderConn();
+    setTimeout(pollStatus, POLL_MS);
+  }
+
+  async function refreshEvents(force) {
+    if (app.eventsBusy) return;
+    const gen = app.status ? app.status.generation : null;
+    if (!force && gen === app.eventsGen && Date.now() - app.eventsAt < EVENTS_EVERY_MS) return;
+    app.eventsBusy = true;
+    try {
+      const data = await api("GET", "/events?limit=50");
+      app.events = (data && data.events) || [];
+      app.eventsGen = gen;
+      app.eventsAt = Date.now();
+      renderEvents();
+    } catch {
+      // The status poll reports an unreachable API; events just stay as they were.
+    } finally {
+      app.eventsBusy = false;
+    }
+  }
+
+  function onStatus(status) {
+    app.status = status;
+    const t = status.traffic;
+    if (t && typeof t === "object") {
+      app.history.push({ t: Date.now(), blue: t.blue || {}, green: t.green || {} });
+      const cutoff = Date.now() - HISTORY_MS;
+      while (app.history.length && app.history[0].t < cutoff) app.history.shift();
+    }
+    render();
+    refreshEvents(false);
+  }
+
+  // --- rendering -------------------------------------------------------------------------
+
+  function renderConn() {
+    const el = $("conn");
+    const age = Date.now() - app.lastOk;
+    el.className = "conn";
+    if (!app.lastOk && !app.lastError) {
+      el.classList.add("conn-wait");
+      el.textContent = "connecting…";
+    } else if (app.lastError && (!app.lastOk || age > STALE_MS)) {
+      el.classList.add("conn-bad");
+      const since = app.lastOk ? ` — last update ${fmtSpan(age)} ago` : "";
+      el.textContent = `✖ STALE: ${app.lastError.detail}${since}`;
+    } else {
+      el.classList.add("conn-ok");
+      el.textContent = `● live · updated ${fmtClock(new Date(app.lastOk))}`;
+    }
+    document.body.classList.toggle("stale", Boolean(app.lastError) && age > STALE_MS);
+  }
+
+  function weightOf(st, color) {
+    return (st.weights && st.weights[color]) || 0;
+  }
+
+  function roleOf(st, color) {
+    const w = weightOf(st, color);
+    const other = weightOf(st, color === "blue" ? "green" : "blue");
+    if (w > 0 && other === 0) return { label: "LIVE", cls: "role-live" };
+    if (w === 0) {
+      const d = st.drain || {};
+      if (d.color === color && d.state === "draining") return { label: "DRAINING", cls: "role-drain" };
+      return { label: "IDLE", cls: "role-idle" };
+    }
+    return { label: `SPLIT ${Math.round((100 * w) / (w + other))}%`, cls: "role-split" };
+  }
+
+  function render() {
+    const st = app.status;
+    if (!st) return;
+    const active = st.active || "";
+    const split = weightOf(st, "blue") > 0 && weightOf(st, "green") > 0;
+
+    const badge = $("active");
+    badge.dataset.color = active;
+    $("active-shape").className = `shape shape-${active}`;
+    $("active-color").textContent = active.toUpperCase();
+    $("active-tag").textContent = split ? "SPLIT" : "LIVE";
+    document.title = `${active.toUpperCase()} live · bgproxy`;
+
+    const wb = weightOf(st, "blue");
+    const wg = weightOf(st, "green");
+    const total = wb + wg || 1;
+    $("wbar-blue").style.width = `${(100 * wb) / total}%`;
+    $("wbar-green").style.width = `${(100 * wg) / total}%`;
+    $("weights").replaceChildren(
+      h("span", { class: "nowrap" }, colorName("blue"), ` ${wb}`), " · ",
+      h("span", { class: "nowrap" }, colorName("green"), ` ${wg}`));
+    $("generation").textContent = String(st.generation ?? "—");
+    $("previous").replaceChildren(st.previous ? colorName(st.previous) : "—");
+    $("changed").replaceChildren(timeEl(st.changed_at));
+
+    for (const color of COLORS) {
+      const btn = $(`switch-${color}`);
+      const fullyLive = weightOf(st, color) > 0 && !split;
+      btn.disabled = fullyLive;
+      btn.title = fullyLive ? `${color} is already live` : "";
+    }
+    $("rollback-btn").disabled = !st.previous;
+    $("rollback-btn").title = st.previous ? `back to ${st.previous}` : "nothing to roll back to";
+    if (!app.weightsDirty) {
+      $("w-blue").value = String(wb);
+      $("w-green").value = String(wg);
+    }
+
+    for (const color of COLORS) renderColor(st, color);
+    renderCharts(st);
+    renderDrain(st);
+    renderRollback(st);
+    renderInstances(st);
+    renderTokenButton();
+  }
+
+  function stat(label, value, extra) {
+    return h("div", { class: "stat" }, h("div", { class: "stat-label", text: label }),
+      h("div", { class: `stat-value ${extra || ""}`, text: value }));
+  }
+
+  function renderColor(st, color) {
+    const c = (st.colors && st.colors[color]) || {};
+    const targets = c.targets || [];
+    const up = targets.filter((t) => t.healthy).length;
+    const role = roleOf(st, color);
+    const traffic = (st.traffic && st.traffic[color]) || null;
+
+    const head = h("div", { class: "card-head" },
+      h("h2", { class: "card-title color-title" }, shape(color), color.toUpperCase()),
+      h("span", { class: `pill ${role.cls}`, text: `${role.label} · weight ${weightOf(st, color)}` }));
+
+    const health = c.healthy
+      ? h("p", { class: "health ok" }, "✔ ", `${up} of ${targets.length} target${targets.length === 1 ? "" : "s"} healthy`)
+      : h("p", { class: "health bad" }, "✖ ", "NO HEALTHY TARGET — a switch to this color is refused");
+
+    const list = h("ul", { class: "targets" }, targets.map((t) => h("li", { class: t.healthy ? "t-up" : "t-down" },
+      h("span", { class: "t-state", text: t.healthy ? "✔ up" : "✖ DOWN" }),
+      h("code", { text: t.url }))));
+
+    const stats = h("div", { class: "stats" },
+      stat("In flight", String(c.in_flight ?? 0)),
+      stat("WebSockets", String(c.websockets ?? 0)),
+      stat("Requests/s", traffic ? fmtRps(traffic.rps) : "—"),
+      stat("Errors", traffic ? fmtPct(traffic.error_rate) : "—",
+        traffic && num(traffic.error_rate) && traffic.error_rate >= 0.05 ? "warn" : ""),
+      stat("p99", traffic ? fmtLatency(traffic.p99) : "—"));
+
+    $(`card-${color}`).replaceChildren(head, health, list, stats);
+  }
+
+  function niceCeil(v) {
+    if (!(v > 0)) return 1;
+    const mag = 10 ** Math.floor(Math.log10(v));
+    for (const step of [1, 2, 2.5, 5, 10]) if (step * mag >= v) return step * mag;
+    return 10 * mag;
+  }
+
+  const CHARTS = [
+    { id: "chart-rps", key: "rps", floor: 1, fmt: (v) => `${fmtRps(v)}/s` },
+    { id: "chart-err", key: "error_rate", floor: 0.05, fmt: fmtPct },
+    { id: "chart-p99", key: "p99", floor: 0.1, fmt: fmtLatency },
+  ];
+
+  function renderCharts(st) {
+    const note = $("charts-note");
+    if (!st.traffic) {
+      note.hidden = false;
+      note.textContent = "This proxy does not report per-color traffic in /status yet; the charts stay empty.";
+    } else {
+      note.hidden = true;
+    }
+    for (const spec of CHARTS) renderChart(spec);
+  }
+
+  function renderChart(spec) {
+    const W = 300;
+    const H = 80;
+    const now = Date.now();
+    const t0 = now - HISTORY_MS;
+    let max = spec.floor;
+    for (const p of app.history) {
+      for (const c of COLORS) {
+        const v = p[c][spec.key];
+        if (num(v) && v > max) max = v;
+      }
+    }
+    max = niceCeil(max);
+    const svg = s("svg", {
+      viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", class: "chart-svg", role: "img",
+      "aria-label": `${spec.key} for blue and green over the last 5 minutes`,
+    });
+    for (const f of [0, 0.5, 1]) {
+      const y = H - f * (H - 2) - 1;
+      svg.append(s("line", { x1: 0, x2: W, y1: y, y2: y, class: "grid" }));
+    }
+    for (const c of COLORS) {
+      // A gap in the polling (proxy unreachable) breaks the line instead of bridging it.
+      let seg = [];
+      let lastT = null;
+      const flush = () => {
+        if (seg.length > 1) svg.append(s("polyline", { points: seg.join(" "), class: `line-${c}` }));
+        else if (seg.length === 1) {
+          const [x, y] = seg[0].split(",");
+          svg.append(s("circle", { cx: x, cy: y, r: 1.5, class: `pt-${c}` }));
+        }
+        seg = [];
+      };
+      for (const p of app.history) {
+        const v = p[c][spec.key];
+        if (!num(v) || (lastT !== null && p.t - lastT > 3 * POLL_MS)) flush();
+        if (num(v)) {
+          const x = ((p.t - t0) / HISTORY_MS) * W;
+          const y = H - (Math.min(v, max) / max) * (H - 2) - 1;
+          seg.push(`${x.toFixed(1)},${y.toFixed(1)}`);
+        }
+        lastT = p.t;
+      }
+      flush();
+    }
+    const last = app.history.length ? app.history[app.history.length - 1] : null;
+    const current = h("div", { class: "chart-now" }, COLORS.map((c) => h("span", { class: "chart-cur" },
+      colorName(c), " ", h("b", { text: last ? spec.fmt(last[c][spec.key]) : "—" }))));
+    const body = $(spec.id).querySelector(".chart-body");
+    body.replaceChildren(
+      current,
+      h("div", { class: "chart-plot" }, h("span", { class: "chart-max", text: spec.fmt(max) }), svg),
+      h("div", { class: "chart-axis" }, h("span", { text: "−5 min" }), h("span", { text: "now" })));
+  }
+
+  function progress(fraction, cls) {
+    const pct = Math.max(0, Math.min(1, fraction)) * 100;
+    const fill = h("div", { class: "progress-fill" });
+    // CSSOM, not a style attribute: the CSP (style-src 'self') refuses inline styles.
+    fill.style.width = `${pct.toFixed(1)}%`;
+    return h("div", { class: `progress ${cls || ""}`, role: "progressbar", "aria-valuemin": "0",
+      "aria-valuemax": "100", "aria-valuenow": String(Math.round(pct)) }, fill);
+  }
+
+  function pill(el, text, cls) {
+    el.className = `pill ${cls}`;
+    el.textContent = text;
+  }
+
+  function renderDrain(st) {
+    const d = st.drain || {};
+    const body = [];
+    const color = d.color;
+    const started = toDate(d.started_at);
+    const deadline = toDate(d.deadline);
+    const done = toDate(d.completed_at);
+    const forced = num(d.forced) ? d.forced : d.forced ? 1 : 0;
+    if (d.state === "draining") {
+      pill($("drain-state"), "DRAINING", "pill-busy");
+      const c = (st.colors && st.colors[color]) || {};
+      body.push(h("p", { class: "big-line" }, colorName(color), `: ${c.in_flight ?? 0} request(s) in flight, `,
+        `${c.websockets ?? 0} WebSocket(s) being handed off`));
+      if (started && deadline) {
+        const total = deadline - started;
+        body.push(progress((Date.now() - started) / total, "progress-busy"));
+        body.push(h("p", { class: "muted" }, `deadline ${fmtClock(deadline)} (${fmtAgo(deadline)}); `,
+          "requests still running then are cut"));
+      }
+    } else if (d.state === "done") {
+      pill($("drain-state"), forced ? "DONE · FORCED" : "DONE", forced ? "pill-warn" : "pill-ok");
+      const took = started && done ? ` in ${((done - started) / 1000).toFixed(1)} s` : "";
+      body.push(h("p", { class: "big-line" }, colorName(color || "—"), ` drained${took}`));
+      body.push(h("p", { class: "muted" }, "finished ", timeEl(d.completed_at)));
+      if (forced) {
+        body.push(h("p", { class: "warn-text", text: `⚠ ${forced} request(s) were still running at the deadline and were cut` }));
+      }
+    } else {
+      pill($("drain-state"), (d.state || "idle").toUpperCase(), "pill-idle");
+      body.push(h("p", { class: "muted", text: "No drain in progress. After a switch, the old color's in-flight requests finish here." }));
+    }
+    $("drain-body").replaceChildren(...body);
+  }
+
+  const VERDICTS = {
+    passing: "passing",
+    inconclusive: "inconclusive",
+    failing: "failing",
+    roll_back: "rolled back",
+  };
+  const VERDICTS_OK = new Set(["passing", "inconclusive"]);
+
+  function thresholdsLine(th) {
+    if (!th) return null;
+    return h("p", { class: "muted" }, "limits: errors ≤ ", fmtPct(th.max_error_rate), ", p99 ≤ ",
+      fmtLatency(th.max_p99_latency), `, judged from ${th.min_requests ?? "?"} requests per interval, `,
+      `rollback after ${th.failure_limit ?? "?"} failing interval(s)`);
+  }
+
+  function renderRollback(st) {
+    const r = st.rollback || {};
+    const body = [];
+    const last = r.last && typeof r.last === "object" ? r.last : null;
+    const lastLine = last
+      ? h("p", {}, "last interval: ", h("b", { text: `${last.requests ?? "—"} requests` }), " · ",
+        h("b", { text: `${fmtPct(last.error_rate)} errors` }), " · p99 ", h("b", { text: fmtLatency(last.p99) }),
+        last.verdict ? h("span", { class: VERDICTS_OK.has(last.verdict) ? "muted" : "warn-text", text: ` — ${VERDICTS[last.verdict] || last.verdict}` }) : null,
+        last.reason ? h("span", { class: "muted", text: ` (${last.reason})` }) : null)
+      : h("p", { class: "muted", text: "No interval evaluated yet." });
+    if (r.state === "watching") {
+      pill($("rb-state"), "WATCHING", "pill-busy");
+      const until = toDate(r.until);
+      body.push(h("p", { class: "big-line" }, "watching ", colorName(r.color || "—"),
+        until ? ` until ${fmtClock(until)} (${fmtSpan(until - Date.now())} left)` : ""));
+      const start = toDate(r.started_at) || toDate(st.changed_at);
+      if (until && start && until > start) body.push(progress((Date.now() - start) / (until - start), "progress-busy"));
+      body.push(lastLine);
+      const next = toDate(r.next_evaluation);
+      const fails = num(r.consecutive_failures) ? r.consecutive_failures : 0;
+      body.push(h("p", { class: fails ? "warn-text" : "muted" },
+        `${fails} consecutive failing interval(s)`, next ? ` · next check ${fmtClock(next)}` : ""));
+      const th = thresholdsLine(r.thresholds);
+      if (th) body.push(th);
+    } else if (r.state === "rolled_back") {
+      pill($("rb-state"), "ROLLED BACK", "pill-bad");
+      body.push(h("p", { class: "big-line warn-text" }, "⚠ automatic rollback: ", colorName(r.color || "—"),
+        " failed its thresholds; traffic went back to ", colorName(st.active || "—")));
+      body.push(lastLine);
+      const th = thresholdsLine(r.thresholds);
+      if (th) body.push(th);
+    } else {
+      pill($("rb-state"), (r.state || "idle").toUpperCase(), "pill-idle");
+      body.push(h("p", { class: "muted", text: r.enabled === false
+        ? "Automatic rollback is off (rollback.enabled: false)."
+        : "Not watching. After a change that gives a color new traffic, its error rate and p99 are watched and a bad release is rolled back automatically." }));
+      if (last) body.push(lastLine);
+    }
+    $("rb-body").replaceChildren(...body);
+  }
+
+  function pair(obj) {
+    const o = obj || {};
+    return `${o.blue ?? 0} / ${o.green ?? 0}`;
+  }
+
+  function renderInstances(st) {
+    const rows = (st.instances || []).map((i) => {
+      const behind = num(i.generation) && num(st.generation) && i.generation < st.generation;
+      return h("tr", {},
+        h("td", {}, h("code", { text: i.id ?? "?" })),
+        h("td", { text: i.host ?? "" }),
+        h("td", { class: `num ${behind ? "warn-text" : ""}`, text: behind ? `${i.generation} (behind)` : String(i.generation ?? "—") }),
+        h("td", { class: "num", text: pair(i.in_flight) }),
+        h("td", { class: "num", text: pair(i.websockets) }),
+        h("td", {}, timeEl(i.last_seen)));
+    });
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: "6", class: "muted", text: "no instance reported" })));
+    $("instances").tBodies[0].replaceChildren(...rows);
+    const store = st.store;
+    if (store && typeof store === "object") {
+      const where = store.url ? ` ${store.url}` : "";
+      if (store.available) pill($("store"), `state: ${store.backend}${where} · available`, "pill-idle");
+      else pill($("store"), `state: ${store.backend}${where} · UNAVAILABLE — changes refused`, "pill-bad");
+    } else {
+      $("store").hidden = true;
+    }
+  }
+
+  function renderEvents() {
+    const rows = app.events.map((e) => {
+      const auto = e.trigger === "auto";
+      return h("tr", { class: auto ? "ev-auto" : "" },
+        h("td", {}, timeEl(e.at)),
+        h("td", { class: "num", text: String(e.generation ?? "") }),
+        h("td", { text: e.action ?? "" }),
+        h("td", {}, h("code", { text: `${e.from ?? "—"} → ${e.to ?? "—"}` })),
+        h("td", {}, h("span", { class: `pill ${auto ? "pill-bad" : "pill-idle"}`, text: auto ? "AUTO" : "manual" })),
+        h("td", { text: e.actor ?? "" }),
+        h("td", { class: "reason", text: e.reason ?? "" }));
+    });
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: "7", class: "muted", text: "no changes yet" })));
+    $("events").tBodies[0].replaceChildren(...rows);
+  }
+
+  // --- messages --------------------------------------------------------------------------
+
+  function showBanner(text, action) {
+    $("banner-text").textContent = text;
+    const old = $("banner").querySelector(".banner-action");
+    if (old) old.remove();
+    if (action) {
+      const btn = h("button", { type: "button", class: "btn banner-action", text: action.label });
+      btn.addEventListener("click", action.run);
+      $("banner-close").before(btn);
+    }
+    $("banner").hidden = false;
+  }
+
+  function hideBanner() {
+    $("banner").hidden = true;
+  }
+
+  let toastTimer = null;
+  function toast(text) {
+    const el = $("toast");
+    el.textContent = text;
+    el.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => {
+      el.hidden = true;
+    }, 6000);
+  }
+
+  // --- actions ---------------------------------------------------------------------------
+
+  function openConfirm(action) {
+    const st = app.status;
+    if (!st) return;
+    app.action = { ...action, generation: st.generation };
+    $("confirm-title").textContent = action.title;
+    $("confirm-text").textContent = action.text;
+    $("confirm-reason").value = "";
+    $("confirm-force").checked = false;
+    $("confirm-force-row").hidden = !action.canForce;
+    $("confirm-error").hidden = true;
+    $("confirm-ok").textContent = action.button;
+    $("confirm-ok").disabled = false;
+    $("confirm").showModal();
+    $("confirm-reason").focus();
+  }
+
+  async function runConfirm(ev) {
+    ev.preventDefault();
+    const action = app.action;
+    if (!action) return;
+    const ok = $("confirm-ok");
+    ok.disabled = true;
+    ok.textContent = "Working…";
+    $("confirm-error").hidden = true;
+    const body = { ...action.body, expected_generation: action.generation };
+    const reason = $("confirm-reason").value.trim();
+    if (reason) body.reason = reason;
+    if (action.canForce && $("confirm-force").checked) body.force = true;
+    try {
+      const status = await api("POST", action.path, body);
+      app.action = null;
+      $("confirm").close();
+      if (action.path === "/weights") app.weightsDirty = false;
+      toast(`${action.done} — generation ${status.generation}`);
+      app.lastOk = Date.now();
+      onStatus(status);
+      refreshEvents(true);
+    } catch (e) {
+      const err = $("confirm-error");
+      let text = `Refused — ${e.describe()}`;
+      if (e.code === "generation_mismatch") text += ". Someone changed the state meanwhile: cancel, look again, retry.";
+      else if (action.canForce && e.status === 409) text += ". Fix the cause, or tick Force to switch anyway.";
+      err.textContent = text;
+      err.hidden = false;
+      ok.disabled = false;
+      ok.textContent = action.button;
+    }
+  }
+
+  function switchAction(color) {
+    const st = app.status;
+    const from = st ? st.active : "?";
+    return {
+      title: `Switch live traffic to ${color.toUpperCase()}`,
+      text: `All new requests go to ${color} (weights reset to 100/0); ${from === color ? "the split ends" : `${from}'s in-flight requests drain`}. `
+        + "The pre-switch gates (health, smoke probes, warm-up) run first; a failing gate refuses the switch.",
+      path: "/switch",
+      body: { color },
+      canForce: true,
+      button: `Switch to ${color}`,
+      done: `Switched to ${color}`,
+    };
+  }
+
+  function wire() {
+    for (const color of COLORS) {
+      $(`switch-${color}`).addEventListener("click", () => openConfirm(switchAction(color)));
+    }
+    $("rollback-btn").addEventListener("click", () => {
+      const prev = app.status && app.status.previous;
+      openConfirm({
+        title: "Roll back",
+        text: `Restore the previous routing state (live color ${prev || "?"} with its weights).`,
+        path: "/rollback",
+        body: {},
+        canForce: false,
+        button: "Roll back",
+        done: "Rolled back",
+      });
+    });
+    for (const id of ["w-blue", "w-green"]) $(id).addEventListener("input", () => { app.weightsDirty = true; });
+    $("weights-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const blue = Number($("w-blue").value);
+      const green = Number($("w-green").value);
+      const valid = (v) => Number.isInteger(v) && v >= 0;
+      if (!valid(blue) || !valid(green) || (blue === 0 && green === 0)) {
+        showBanner("Weights must be whole numbers ≥ 0, not both 0.");
+        return;
+      }
+      const total = blue + green;
+      openConfirm({
+        title: "Set weights",
+        text: `Split new traffic: blue ${blue} (${Math.round((100 * blue) / total)}%), green ${green} (${Math.round((100 * green) / total)}%). `
+          + "Clients stay on the color they first got (sticky cookie).",
+        path: "/weights",
+        body: { blue, green },
+        canForce: true,
+        button: "Set weights",
+        done: `Weights set to blue ${blue} / green ${green}`,
+      });
+    });
+    $("confirm-form").addEventListener("submit", runConfirm);
+    $("confirm-cancel").addEventListener("click", () => {
+      app.action = null;
+      $("confirm").close();
+    });
+    $("confirm").addEventListener("close", () => { app.action = null; });
+    $("banner-close").addEventListener("click", hideBanner);
+    $("token-btn").addEventListener("click", () => {
+      if (storedToken()) {
+        try {
+          sessionStorage.removeItem(TOKEN_KEY);
+        } catch {
+          // nothing stored
+        }
+        renderTokenButton();
+        toast("Token forgotten for this tab");
+      } else {
+        retryToken();
+      }
+    });
+    // Relative times and the stale marker move even when nothing else does.
+    setInterval(renderConn, 1000);
+  }
+
+  wire();
+  renderTokenButton();
+  pollStatus();
+})();
