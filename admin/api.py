@@ -12,11 +12,16 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from admin.dashboard import DASHBOARD_PATHS, add_dashboard
+from admin.fleet import Fleet, Identity, default_fleet
+from admin.gates import GateFailed
 from proxy.server import ProxyServer
 from proxy.state import (
     Color,
@@ -32,10 +37,17 @@ from proxy.state import (
     switch_to,
 )
 
+if TYPE_CHECKING:
+    from admin.gates import Gates
+    from admin.rollback import RollbackController
+
 log = logging.getLogger("bgproxy.admin")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The dashboard's static files carry no state (a browser cannot send a bearer header on
+# navigation); the API calls the page then makes are authenticated as usual.
+NO_AUTH_PATHS = OPEN_PATHS | DASHBOARD_PATHS
 
 
 class ApiError(Exception):
@@ -67,6 +79,29 @@ class ControlPlane:
         self.store = store
         self.token = token
         self.ready = False
+        # Set by the runner once started; None (tests, early start) means "not running".
+        self.gates: Gates | None = None
+        self.rollback: RollbackController | None = None
+        self.switches: Counter[str] = Counter()  # accepted changes by trigger, for metrics
+        self._applying: list[tuple[RoutingState, Event]] = []
+        self.identity = Identity.for_process()
+        # Who else serves this state (Redis fleet, workers); replaced by a supervisor.
+        self.fleet: Fleet = default_fleet(store, lambda: [self.instance()])
+        self.propagation_timeout = 3.0  # how long a write waits for every instance to apply it
+
+    def event_for(self, state: RoutingState) -> Event | None:
+        """The event of a write this instance is applying right now, for store listeners
+        (they run inside compare_and_set and see only the states)."""
+        for candidate, event in self._applying:
+            if candidate is state:
+                return event
+        return None
+
+    async def check_gates(self, colors: Iterable[Color]) -> None:
+        """Run the pre-switch gates for each color about to get traffic; GateFailed if not."""
+        if self.gates is not None:
+            for color in colors:
+                await self.gates.check(color)
 
     def status(self) -> dict[str, Any]:
         state = self.store.snapshot()
@@ -79,16 +114,26 @@ class ControlPlane:
             "changed_at": _rfc3339(state.changed_at),
             "colors": server.colors_status(),
             "drain": server.drain.drain.to_dict(),
-            "rollback": {"state": "idle", "color": None, "until": None, "last": None},
-            "instances": [self.instance()],
-            "store": {"backend": "memory", "available": self.store.available},
+            "rollback": self.rollback.status()
+            if self.rollback is not None
+            else {"state": "idle", "color": None, "until": None, "last": None},
+            "traffic": server.traffic.status(server.loop.time()),
+            "instances": self.fleet.instances(),
+            "store": self.fleet.store_status(),
         }
+
+    async def settled_status(self, new: RoutingState | None) -> dict[str, Any]:
+        """The status after a write, once every live instance has applied it or the bounded
+        wait ran out (``lagging`` names those that had not)."""
+        lagging: list[str] = []
+        if new is not None:
+            lagging = await self.fleet.wait_applied(new.generation, self.propagation_timeout)
+        return {**self.status(), "lagging": lagging}
 
     def instance(self) -> dict[str, Any]:
         server = self.server
         return {
-            "id": "local",
-            "host": "localhost",
+            **self.identity.record(),
             "generation": self.store.snapshot().generation,
             "in_flight": {c.value: n for c, n in server.in_flight.items()},
             "websockets": {c.value: n for c, n in server.websockets.items()},
@@ -110,7 +155,7 @@ class ControlPlane:
         Returns None for a no-op. Raises ``StateError`` subclasses on refusal.
         """
         if not self.store.available:
-            raise StoreUnavailable("the state store is unavailable; try again")
+            raise StoreUnavailable(self.fleet.unavailable_detail())
         current = self.store.snapshot()
         if expected_generation is not None and expected_generation != current.generation:
             from proxy.state import GenerationMismatch
@@ -133,7 +178,14 @@ class ControlPlane:
             actor=actor,
             details=details or {},
         )
-        return await self.store.compare_and_set(current.generation, new, event)
+        entry = (new, event)
+        self._applying.append(entry)
+        try:
+            applied = await self.store.compare_and_set(current.generation, new, event)
+        finally:
+            self._applying.remove(entry)
+        self.switches[trigger] += 1
+        return applied
 
 
 def _rfc3339(ts: float) -> str:
@@ -162,7 +214,7 @@ def _origin_middleware(cp: ControlPlane) -> Any:
         host = request.headers.get("Host", "")
         if loopback and request.path not in OPEN_PATHS:
             name = _host_name(host).lower()
-            if name not in _LOOPBACK_NAMES and not name.startswith("127."):
+            if name not in _LOOPBACK_NAMES and not _is_loopback_ip(name):
                 return error_json(403, "forbidden_host", "Host is not this admin listener")
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             origin = request.headers.get("Origin")
@@ -173,6 +225,14 @@ def _origin_middleware(cp: ControlPlane) -> Any:
         return await handler(request)
 
     return check
+
+
+def _is_loopback_ip(name: str) -> bool:
+    """An IP literal in the loopback range; never a DNS name that merely starts like one."""
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -189,7 +249,7 @@ def _auth_middleware(cp: ControlPlane) -> Any:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and request.path not in OPEN_PATHS:
+        if expected is not None and request.path not in NO_AUTH_PATHS:
             header = request.headers.get("Authorization", "")
             scheme, _, given = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -207,6 +267,8 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except ApiError as exc:
         return error_json(exc.status, exc.code, exc.detail)
+    except GateFailed as exc:
+        return web.json_response(exc.to_dict(), status=409)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -267,7 +329,23 @@ def _state_error(exc: StateError) -> ApiError:
     return ApiError(status, exc.code, str(exc))
 
 
+class _DropBadRequestLogs(logging.Filter):
+    """aiohttp logs every malformed request with a traceback that quotes the offending
+    header line (tokens, cookies included): drop those; they are the client's fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+def _quiet_bad_request_logs() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _DropBadRequestLogs) for f in logger.filters):
+        logger.addFilter(_DropBadRequestLogs())
+
+
 def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Application:
+    _quiet_bad_request_logs()
     app = web.Application(
         client_max_size=max_body,
         middlewares=[_errors_middleware, _origin_middleware(cp), _auth_middleware(cp)],
@@ -275,6 +353,7 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
     actor = "admin"
 
     async def status(request: web.Request) -> web.Response:
+        await cp.fleet.refresh()  # other instances' records as they are now (bounded)
         return web.json_response(cp.status())
 
     async def switch(request: web.Request) -> web.Response:
@@ -287,8 +366,10 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         if not isinstance(force, bool):
             raise ApiError(400, "bad_request", "'force' must be a boolean")
         expected = _opt_int(data, "expected_generation")
+        if not force and switch_to(cp.store.snapshot(), color, 0.0) is not None:
+            await cp.check_gates([color])  # a no-op switch runs none
         try:
-            await cp.apply(
+            new = await cp.apply(
                 lambda s: switch_to(s, color, time.time()),
                 "switch",
                 reason,
@@ -298,7 +379,7 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
             )
         except StateError as exc:
             raise _state_error(exc) from exc
-        return web.json_response(cp.status())
+        return web.json_response(await cp.settled_status(new))
 
     async def weights(request: web.Request) -> web.Response:
         data = await _json_body(request)
@@ -310,22 +391,32 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         if blue == 0 and green == 0:
             raise ApiError(400, "bad_weights", "weights must not both be 0")
         expected = _opt_int(data, "expected_generation")
+        force = data.get("force", False)
+        if not isinstance(force, bool):
+            raise ApiError(400, "bad_request", "'force' must be a boolean")
+        if not force:
+            # Gates only for a color this change gives traffic it did not have.
+            had = cp.store.snapshot().weights
+            await cp.check_gates(
+                c for c, w in ((Color.BLUE, blue), (Color.GREEN, green)) if w > 0 and not had.of(c)
+            )
         try:
-            await cp.apply(
+            new = await cp.apply(
                 lambda s: set_weights(s, blue, green, time.time()),
                 "weights",
                 _opt_str(data, "reason"),
                 actor,
                 expected_generation=expected,
+                details={"force": True} if force else None,
             )
         except StateError as exc:
             raise _state_error(exc) from exc
-        return web.json_response(cp.status())
+        return web.json_response(await cp.settled_status(new))
 
     async def rollback(request: web.Request) -> web.Response:
         data = await _json_body(request)
         try:
-            await cp.apply(
+            new = await cp.apply(
                 lambda s: roll_back(s, time.time()),
                 "rollback",
                 _opt_str(data, "reason"),
@@ -334,7 +425,7 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
             )
         except StateError as exc:
             raise _state_error(exc) from exc
-        return web.json_response(cp.status())
+        return web.json_response(await cp.settled_status(new))
 
     async def events(request: web.Request) -> web.Response:
         raw = request.query.get("limit", "50")
@@ -344,7 +435,10 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
             raise ApiError(400, "bad_limit", "'limit' must be an integer") from None
         if limit < 1 or limit > 1000:
             raise ApiError(400, "bad_limit", "'limit' must be between 1 and 1000")
-        items = await cp.store.events(limit)
+        try:
+            items = await cp.store.events(limit)
+        except StateError as exc:
+            raise _state_error(exc) from exc
         return web.json_response({"events": [e.to_dict() for e in items]})
 
     async def healthz(request: web.Request) -> web.Response:
@@ -362,4 +456,5 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
     app.router.add_get("/events", events)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_dashboard(app)
     return app

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,9 +19,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from admin.api import ControlPlane, build_admin_app
+from admin.fleet import connect_store, open_store
+from admin.gates import Gates
+from admin.metrics import add_metrics_route, build_registry
+from admin.rollback import RollbackController
 from config import Config, ConfigError, load_config
+from proxy.health import HealthChecker
 from proxy.server import ProxyServer
-from proxy.state import Color, MemoryStateStore, RoutingState
+from proxy.state import StateStore, StoreUnavailable
 
 log = logging.getLogger("bgproxy")
 
@@ -61,7 +67,7 @@ class Running:
 
     server: ProxyServer
     control: ControlPlane
-    runner: web.AppRunner
+    runner: web.AppRunner | None  # None in a worker: its supervisor serves the admin API
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -69,40 +75,72 @@ class Running:
 
     @property
     def admin_address(self) -> tuple[str, int]:
+        assert self.runner is not None, "no admin API in this process"
         site = next(iter(self.runner.sites))
         addr = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
         return addr[0], addr[1]
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Running]:
-    """Start the proxy and its admin API; on exit stop both, at once."""
-    token = admin_token(config)
-    store = MemoryStateStore(RoutingState.initial(Color(config.routing.active)))
-    server = ProxyServer(config, store)
-    try:
-        await server.start()
-    except OSError as exc:
-        await server.close()
-        raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
-    control = ControlPlane(server, store, token)
-    app = build_admin_app(control, config.limits.admin_max_body_bytes)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    listen = config.admin.listen
-    try:
-        await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
-    except OSError as exc:
-        await runner.cleanup()
-        await server.close()
-        raise StartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror}") from exc
-    control.ready = True
-    try:
-        yield Running(server, control, runner)
-    finally:
-        control.ready = False
-        await server.close()
-        await runner.cleanup()
+async def running(
+    config: Config,
+    *,
+    store: StateStore | None = None,
+    sock: socket.socket | None = None,
+    admin: bool = True,
+    data_plane: bool = True,
+) -> AsyncIterator[Running]:
+    """Start the proxy and its admin API; on exit stop both, at once.
+
+    The admin API comes up first so that ``/readyz`` answers 503 while a Redis store is
+    awaited; the data plane starts once a routing state is loaded. A worker passes the
+    ``store`` its supervisor feeds, its listening ``sock`` and ``admin=False``; a
+    supervisor runs the admin API with ``data_plane=False`` (its workers serve).
+    """
+    token = admin_token(config) if admin else None
+    async with contextlib.AsyncExitStack() as stack:
+        if store is None:
+            store = await stack.enter_async_context(open_store(config))
+        server = ProxyServer(config, store)
+        control = ControlPlane(server, store, token)
+        runner = None
+        if admin:
+            app = build_admin_app(control, config.limits.admin_max_body_bytes)
+            add_metrics_route(app, build_registry(control))
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            listen = config.admin.listen
+            try:
+                await web.TCPSite(runner, listen.host, listen.port, reuse_address=True).start()
+            except OSError as exc:
+                raise StartupError(
+                    f"admin.listen: cannot listen on {listen}: {exc.strerror}"
+                ) from exc
+        stack.push_async_callback(server.close)
+        try:
+            await connect_store(store, config)
+        except StoreUnavailable as exc:
+            raise StartupError(f"state.redis_url: {exc}") from exc
+        if data_plane:
+            try:
+                await server.start(sock)
+            except OSError as exc:
+                raise StartupError(
+                    f"listen: cannot listen on {config.listen}: {exc.strerror}"
+                ) from exc
+        # Health checks, gates and the rollback watch: closed first, in reverse, on exit.
+        safety = contextlib.AsyncExitStack()
+        await safety.enter_async_context(HealthChecker(server))
+        if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
+            control.gates = await safety.enter_async_context(Gates(server))
+            control.rollback = await safety.enter_async_context(RollbackController(control))
+        control.ready = True
+        try:
+            yield Running(server, control, runner)
+        finally:
+            control.ready = False
+            await safety.aclose()
 
 
 async def graceful_stop(run: Running, timeout: float) -> None:
@@ -150,7 +188,14 @@ def main_serve(path: str, workers: int = 1) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    if workers < 1:
+        print("bgproxy: --workers must be at least 1", file=sys.stderr)
+        return 2
     try:
+        if workers > 1:
+            from admin.workers import supervise  # one process (the default) never loads it
+
+            return run_loop(supervise(config, path, workers))
         return run_loop(serve(config, path))
     except StartupError as exc:
         print(f"bgproxy: {exc}", file=sys.stderr)

@@ -18,10 +18,12 @@ from typing import Any
 from config import Config
 from proxy.drain import DrainController
 from proxy.errors import UpstreamError
+from proxy.health import record_result
 from proxy.listener import IDLE, ClientConnection, assert_c_parser
 from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
 from proxy.settings import Settings, build_settings
 from proxy.state import COLORS, Color, StateStore
+from proxy.stats import Traffic
 from proxy.upstream import ConnectionPool
 
 log = logging.getLogger("bgproxy.server")
@@ -58,6 +60,9 @@ class ProxyServer:
         # Plain counters; the metrics layer reads them at scrape time.
         self.responses: Counter[tuple[Color, int]] = Counter()
         self.upstream_errors: Counter[tuple[Color, str]] = Counter()
+        # Per-color requests/errors/latency for rollback and /status (proxy/stats.py).
+        self.traffic = Traffic(self.loop.time())
+        self._traffic = self.traffic.colors
         self.started_at = time.time()
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -125,6 +130,7 @@ class ProxyServer:
                     log.exception("deadline handling failed")
             self.cpool.sweep(time.monotonic())
             self._log_bad_requests(now)
+            self.traffic.sample(now)
 
     async def stop_accepting(self) -> None:
         """Refuse new connections; idle keep-alive ones close, busy ones after their response."""
@@ -216,6 +222,15 @@ class ProxyServer:
         if self._idle is not None:
             self._idle.set()
 
+    def mirror_counts(self, in_flight: dict[Color, int], websockets: dict[Color, int]) -> None:
+        """A supervisor's totals of its workers' counts (it serves nothing itself), so that
+        ``/status``, metrics and the drain see the workers' traffic."""
+        for color in COLORS:
+            self.in_flight[color] = in_flight[color]
+            self.websockets[color] = websockets[color]
+            if in_flight[color] == 0:
+                self._now_idle(color)
+
     def tunnel_opened(self, conn: ClientConnection) -> None:
         color = conn.color
         assert color is not None
@@ -234,6 +249,7 @@ class ProxyServer:
     def record_response(self, color: Color | None, status: int, latency: float) -> None:
         if color is not None:
             self.responses[color, status] += 1
+            self._traffic[color].record(status, latency)
 
     def note_bad_request(self, status: int) -> None:
         self._bad_requests[status] += 1
@@ -252,7 +268,8 @@ class ProxyServer:
 
     def note_connect_failure(self, upstream: Upstream, exc: UpstreamError) -> None:
         self.upstream_errors[upstream.color, exc.kind] += 1
-        upstream.stats.last_error = exc.kind
+        # Passive marking: a refused connect counts like a failed health check.
+        record_result(upstream.stats, False, self.config.health_check, exc.kind)
 
     # -- status ---------------------------------------------------------------------------
 

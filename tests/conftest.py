@@ -350,3 +350,80 @@ async def start_app() -> AsyncIterator[Callable[[web.Application], Awaitable[str
     yield start
     for runner in reversed(runners):
         await runner.cleanup()
+
+
+# --- a real redis-server per test, for the fleet suites --------------------------------------
+
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback port, without persistence, that a test can
+    SIGKILL, SIGSTOP/SIGCONT and restart (on the same port, empty)."""
+
+    def __init__(self, *extra: str) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.extra = extra
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = int(s.getsockname()[1])
+        self.proc: Any = None
+
+    def url(self, db: int = 0, password: str | None = None) -> str:
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    async def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        self.proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            *args,
+            "no",
+            *self.extra,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(500):
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(b"PING\r\n")
+                reply = await asyncio.wait_for(reader.readline(), 1)
+                writer.close()
+                if reply.startswith((b"+PONG", b"-NOAUTH")):
+                    return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"redis-server on port {self.port} did not start")
+
+    async def kill(self) -> None:
+        """SIGKILL: gone at once, and (no persistence) its data with it."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers."""
+        import signal
+
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGCONT)
+
+    async def restart(self) -> None:
+        await self.kill()
+        await self.start()
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

@@ -292,7 +292,13 @@ async def test_refused_target_retried_for_get_not_for_post(
     upstreams: dict[str, Upstream], start_proxy: StartProxy
 ) -> None:
     live = upstreams["blue"]
-    proxy = await start_proxy(config_dict([dead_address(), live.url], [upstreams["green"].url]))
+    # Passive health marking would take the refusing target out of rotation: keep it in.
+    cfg = config_dict(
+        [dead_address(), live.url],
+        [upstreams["green"].url],
+        health_check={"unhealthy_threshold": 1000},
+    )
+    proxy = await start_proxy(cfg)
     statuses = []
     for i in range(10):
         async with proxy.session.get(proxy.url + f"/g{i}") as resp:
