@@ -22,7 +22,7 @@ from proxy.state import COLORS, Color, RoutingState
 from proxy.websocket import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 if TYPE_CHECKING:
-    from proxy.listener import ClientConnection
+    from proxy.exchange import Exchange
     from proxy.server import ProxyServer
 
 log = logging.getLogger("bgproxy.drain")
@@ -69,7 +69,7 @@ class DrainController:
         self.server = server
         self.drain = Drain()
         self._task: asyncio.Task[None] | None = None
-        self._handoffs: dict[ClientConnection, list[asyncio.TimerHandle]] = {}
+        self._handoffs: dict[Exchange, list[asyncio.TimerHandle]] = {}
         self.reconnects_sent: dict[Color, int] = dict.fromkeys(COLORS, 0)
 
     # -- reacting to a new snapshot ---------------------------------------------------------
@@ -131,7 +131,7 @@ class DrainController:
                 loop.call_later(at + cfg.close_grace, self._close, conn, CLOSE_SERVICE_RESTART),
             ]
 
-    def _send_reconnect(self, conn: ClientConnection, message: str) -> None:
+    def _send_reconnect(self, conn: Exchange, message: str) -> None:
         ws = conn.ws
         if ws is None or ws.closing:
             return
@@ -144,7 +144,7 @@ class DrainController:
         if handles:
             handles[0] = handles[1]
 
-    def _close(self, conn: ClientConnection, code: int) -> None:
+    def _close(self, conn: Exchange, code: int) -> None:
         self._handoffs.pop(conn, None)
         if conn.ws is not None:
             conn.ws.close(
@@ -159,7 +159,7 @@ class DrainController:
                     h.cancel()
                 del self._handoffs[conn]
 
-    def forget(self, conn: ClientConnection) -> None:
+    def forget(self, conn: Exchange) -> None:
         for h in self._handoffs.pop(conn, ()):
             h.cancel()
 

@@ -18,8 +18,10 @@ from typing import Any
 from config import Config
 from proxy.drain import DrainController
 from proxy.errors import UpstreamError
+from proxy.exchange import IDLE, Exchange
 from proxy.health import record_result
-from proxy.listener import IDLE, ClientConnection, assert_c_parser
+from proxy.http1 import assert_c_parser
+from proxy.listener import ClientConnection
 from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
 from proxy.settings import Settings, build_settings
 from proxy.state import COLORS, Color, StateStore
@@ -71,7 +73,7 @@ class ProxyServer:
         self._bad_requests: Counter[int] = Counter()
         self._bad_logged_at = 0.0
         self._color_idle: dict[Color, asyncio.Event | None] = dict.fromkeys(COLORS)
-        self.tunnels: set[ClientConnection] = set()
+        self.tunnels: set[Exchange] = set()
         self.drain = DrainController(self)
         store.add_listener(self.drain.on_state_change)
 
@@ -231,14 +233,14 @@ class ProxyServer:
             if in_flight[color] == 0:
                 self._now_idle(color)
 
-    def tunnel_opened(self, conn: ClientConnection) -> None:
+    def tunnel_opened(self, conn: Exchange) -> None:
         color = conn.color
         assert color is not None
         self.tunnels.add(conn)
         self.websockets[color] += 1
         self.end_request(color)  # a tunnel is a connection, not a request in flight
 
-    def tunnel_closed(self, conn: ClientConnection) -> None:
+    def tunnel_closed(self, conn: Exchange) -> None:
         self.tunnels.discard(conn)
         self.drain.forget(conn)
         if conn.color is not None:

@@ -22,7 +22,7 @@ from proxy.headers import HOP_BY_HOP, connection_tokens
 from proxy.pools import Upstream
 
 if TYPE_CHECKING:
-    from proxy.listener import ClientConnection
+    from proxy.exchange import Exchange
 
 log = logging.getLogger("bgproxy.upstream")
 
@@ -94,7 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.client: ClientConnection | None = None
+        self.client: Exchange | None = None
         self.connected = asyncio.get_running_loop().create_future()
         self.closed = False
         self.reused = False
@@ -171,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the exchange ---------------------------------------------------------------------
 
-    def begin(self, client: ClientConnection, is_head: bool, upgrade: bool) -> None:
+    def begin(self, client: Exchange, is_head: bool, upgrade: bool) -> None:
         self.client = client
         self.is_head = is_head
         self.upgrade_requested = upgrade
@@ -313,7 +313,7 @@ class UpstreamConnection(asyncio.Protocol):
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    def _final_head(self, status: int, client: ClientConnection) -> bytes:
+    def _final_head(self, status: int, client: Exchange) -> bytes:
         """The response head for the client, and the body framing, in one pass."""
         lines = [_status_line(status, self._reason)]
         has_cl = has_te = False

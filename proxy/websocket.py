@@ -15,7 +15,7 @@ import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.listener import ClientConnection
+    from proxy.exchange import Exchange
     from proxy.upstream import UpstreamConnection
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE = 0x0, 0x1, 0x2, 0x8
@@ -136,7 +136,7 @@ class WebSocketRelay:
         "upstream",
     )
 
-    def __init__(self, client: ClientConnection, upstream: UpstreamConnection) -> None:
+    def __init__(self, client: Exchange, upstream: UpstreamConnection) -> None:
         self.client = client
         self.upstream = upstream
         self.down = FrameTracker()  # upstream -> client

@@ -1748,7 +1748,7 @@ async def test_bad_request_flood_is_one_rate_limited_warning(
 
 
 def test_c_parser_is_in_use() -> None:
-    from proxy.listener import assert_c_parser
+    from proxy.http1 import assert_c_parser
 
     assert_c_parser()  # raises on a pure-Python fallback
     from httptools.parser import parser as cparser

@@ -1,0 +1,332 @@
+"""The exchange half of a client connection: upstream, response, tunnel and the ends.
+
+``ClientConnection`` (proxy/listener.py) parses and routes requests; this base class holds
+the per-connection state and what happens once a request has somewhere to go: attaching
+a pooled upstream connection, backpressure between the two, the callbacks the upstream
+connection makes as the response arrives, the switch to a tunnel, and every way an
+exchange ends (a response, an error reply, a cut stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import httptools
+
+from proxy.errors import (
+    NoHealthyUpstream,
+    Reply,
+    UpstreamError,
+    error_response,
+    reply_for,
+)
+from proxy.http1 import IDEMPOTENT, Pending
+from proxy.state import Color
+from proxy.websocket import WebSocketRelay
+
+if TYPE_CHECKING:
+    from proxy.pools import Upstream
+    from proxy.server import ProxyServer
+    from proxy.settings import Settings
+    from proxy.upstream import UpstreamConnection
+
+# Phases, for the sweeper: what a passed deadline means.
+IDLE, HEAD, UPSTREAM, STREAM, TUNNEL, CLOSED = range(6)
+
+
+class Exchange(asyncio.Protocol):
+    # Slots: faster attribute access on the hot path and less memory per idle connection.
+    __slots__ = (
+        "_active", "_attempts", "_body_buf", "_body_bytes", "_chunked", "_connecting", "_extra",
+        "_head", "_head_bytes", "_headers", "_method", "_paused", "_queue", "_req_done",
+        "_response_started", "_started", "_status", "_trailers", "_tunnel", "_up_out",
+        "_upgrade", "_url", "_websocket", "_xff_line", "closing", "color", "deadline", "http11",
+        "parser", "peer", "phase", "server", "settings", "transport", "up", "upstream", "ws",
+    )  # fmt: skip
+
+    server: ProxyServer
+    settings: Settings
+    parser: httptools.HttpRequestParser
+    transport: asyncio.Transport | None
+    peer: str
+    phase: int
+    deadline: float
+    closing: bool  # send Connection: close and close after this response
+    http11: bool
+    up: UpstreamConnection | None
+    upstream: Upstream | None
+    color: Color | None
+    ws: WebSocketRelay | None
+    _paused: int
+    _queue: list[Pending] | None
+    _up_out: list[bytes] | None
+    _xff_line: bytes
+    _url: bytes
+    _headers: list[tuple[bytes, bytes]]
+    _head_bytes: int
+    _trailers: list[tuple[bytes, bytes]] | None
+    _extra: bytes
+    _method: bytes
+    _head: bytes
+    _chunked: bool
+    _body_buf: list[bytes] | None
+    _body_bytes: int
+    _req_done: bool
+    _response_started: bool
+    _attempts: int
+    _connecting: asyncio.Task[None] | None
+    _upgrade: bool
+    _tunnel: bool
+    _websocket: bool
+    _started: float
+    _status: int
+    _active: bool
+
+    def _next_request(self) -> None:
+        """Ready for the next request on this connection (the listener's side)."""
+        raise NotImplementedError
+
+    def pause_writing(self) -> None:
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.up
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.resume_reading()
+
+    def pause_reading_for_upstream(self) -> None:
+        self._pause(1)
+
+    def resume_reading_for_upstream(self) -> None:
+        self._resume(1)
+
+    def _pause(self, flag: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= flag
+
+    def _resume(self, flag: int) -> None:
+        if self._paused & flag:
+            self._paused &= ~flag
+            if not self._paused and self.transport is not None and self.phase != CLOSED:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.phase != CLOSED and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def active_on(self, color: Color) -> bool:
+        """A request (not a tunnel) on ``color`` is running on this connection."""
+        return self._active and self.color is color and not self._tunnel
+
+    def ws_close_started(self, now: float) -> None:
+        # Our close frame is out: the client gets a bounded time to answer it.
+        self.deadline = now + max(1.0, self.server.config.websocket.close_grace)
+
+    def _connect_and_send(self, upstream: Upstream | None) -> None:
+        if upstream is None:
+            self._fail(NoHealthyUpstream("no healthy upstream"))
+            return
+        self.upstream = upstream
+        self._attempts += 1
+        server = self.server
+        conn = server.cpool.take_idle(upstream)
+        self.phase = STREAM if not self._req_done else UPSTREAM
+        self.deadline = server.now + (
+            self.settings.upstream_response_timeout
+            if self._req_done
+            else self.settings.idle_timeout
+        )
+        if conn is not None:
+            self._attach(conn)
+            return
+        self._body_buf = []
+        self._connecting = server.spawn(self._connect(upstream), name="upstream-connect")
+
+    async def _connect(self, upstream: Upstream) -> None:
+        try:
+            conn = await self.server.cpool.connect(upstream)
+        except UpstreamError as exc:
+            self._connecting = None
+            self.server.note_connect_failure(upstream, exc)
+            if self.phase == CLOSED:
+                return
+            if self._method in IDEMPOTENT and self._attempts < len(
+                self.server.pools[upstream.color].upstreams
+            ):
+                other = self.server.pools[upstream.color].pick(exclude=upstream)
+                if other is not None and other is not upstream:
+                    self._connect_and_send(other)
+                    return
+            self._fail(exc)
+            return
+        self._connecting = None
+        if self.phase == CLOSED:
+            self.server.cpool.release(conn)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        self.up = conn
+        buf = self._body_buf
+        self._body_buf = None
+        data = self._head if not buf else self._head + b"".join(buf)
+        conn.request_done = self._req_done
+        conn.begin(self, self._method == b"HEAD", self._upgrade)
+        self._to_upstream(data)
+        self._resume(2)
+
+    # -- called by the upstream connection ------------------------------------------------
+
+    def response_head(self, conn: UpstreamConnection, status: int) -> None:
+        self._status = status
+        self._response_started = True
+        self.phase = STREAM
+        self.deadline = self.server.now + self.settings.upstream_response_timeout
+        self.server.record_response(self.color, status, self.server.loop.time() - self._started)
+
+    def response_extra(self) -> bytes:
+        return self._extra
+
+    def upstream_activity(self) -> None:
+        if self._response_started:
+            self.deadline = self.server.now + self.settings.upstream_response_timeout
+
+    def response_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
+        if conn is not self.up:
+            return
+        self.up = None
+        if reusable and self._req_done and not self.closing:
+            self.server.cpool.release(conn)
+        else:
+            conn.client = None
+            conn.close()
+        self._end_exchange(aborted=False)
+        if self.closing or not self._req_done or self._upgrade:
+            self.phase = CLOSED
+            self.close()
+            return
+        self._next_request()
+
+    def upstream_failed(self, conn: UpstreamConnection, exc: Exception) -> None:
+        conn.client = None
+        if conn is not self.up or self.phase == CLOSED:
+            return
+        self.up = None
+        if (
+            not self._response_started
+            and conn.reused
+            and self._method in IDEMPOTENT
+            and self._body_bytes == 0
+            and self._attempts < 3
+        ):
+            # A pooled connection the upstream had closed under us: retry on a fresh one.
+            self.server.cpool.close_idle({conn.upstream.url})
+            assert self.upstream is not None
+            self._connect_and_send(self.upstream)
+            return
+        kind = exc.kind if isinstance(exc, UpstreamError) else "protocol"
+        self.server.note_upstream_error(self.color, kind)
+        if isinstance(exc, UpstreamError):
+            self._fail(exc)
+        else:
+            self._fail(UpstreamError("upstream failed"))
+
+    def start_tunnel(self, conn: UpstreamConnection) -> None:
+        self.phase = TUNNEL
+        self.deadline = 0.0
+        self._tunnel = True
+        if self._websocket:
+            self.ws = WebSocketRelay(self, conn)
+        assert self.color is not None
+        self.server.tunnel_opened(self)
+        buf = self._body_buf
+        self._body_buf = None
+        if buf:
+            self.data_received(b"".join(buf))
+        self._resume(2)
+
+    def tunnel_data(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.from_upstream(data)
+        else:
+            self.write(data)
+
+    def tunnel_closed(self) -> None:
+        self.up = None
+        if self.ws is not None:
+            self.ws.upstream_lost()
+        self.close()
+
+    # -- ends -----------------------------------------------------------------------------
+
+    def _fail(self, exc: UpstreamError) -> None:
+        """Map an upstream failure to the client, once: an error reply or a cut stream."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+        up = self.up
+        if up is not None:
+            self.up = None
+            up.client = None
+            up.abort()
+        if self._response_started:
+            if self.transport is not None:
+                self.transport.abort()  # the client sees a truncated response
+            return
+        reply = reply_for(exc)
+        if self.color is not None:
+            self.server.record_response(
+                self.color, reply.status, self.server.loop.time() - self._started
+            )
+        self._reply(reply)
+
+    def _reply(self, reply: Reply) -> None:
+        """Answer with one of our own responses and close the connection."""
+        if self.phase == CLOSED or self.transport is None:
+            return
+        if reply.status < 500:
+            self.server.note_bad_request(reply.status)
+        if self._response_started:
+            # A response is already on the wire: an error now would corrupt it; cut it.
+            self.phase = CLOSED
+            self._end_exchange(aborted=True)
+            self.transport.abort()
+            return
+        extra = self._extra if self.color is not None else b""
+        self.transport.write(error_response(reply, extra))
+        self.phase = CLOSED
+        self._end_exchange(aborted=False)
+        self.transport.close()
+
+    def _end_exchange(self, aborted: bool) -> None:
+        if self._active:
+            self._active = False
+            if self.color is not None:
+                if self._tunnel:
+                    self.server.tunnel_closed(self)
+                else:
+                    self.server.end_request(self.color)
+
+    def _flush_upstream(self, out: list[bytes]) -> None:
+        self._up_out = None
+        if out and self.up is not None:
+            self.up.send(out[0] if len(out) == 1 else b"".join(out))
+
+    def _to_upstream(self, data: bytes) -> None:
+        out = self._up_out
+        if out is not None:
+            out.append(data)
+        elif self.up is not None:
+            self.up.send(data)

@@ -1,0 +1,125 @@
+"""HTTP/1.1 request syntax the listener needs, decided once per message.
+
+Which request headers the proxy handles itself, the checks llhttp leaves to us
+(HTTP/0.9 lines, WebSocket keys, absolute-form targets), and the parked state of a
+pipelined request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from proxy.errors import Reply
+from proxy.headers import HOP_BY_HOP
+from proxy.settings import OVERRIDE_TOKEN_HEADER
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# Request headers with special handling; every other header is forwarded as it came.
+H_HOST, H_CONN, H_HOP, H_TE, H_UPGRADE, H_XFF, H_UNTRUSTED = range(7)
+H_COOKIE, H_TOKEN, H_CL, H_WSKEY = range(7, 11)
+SPECIAL: dict[bytes, int] = {name: H_HOP for name in HOP_BY_HOP}
+SPECIAL.update(
+    {
+        b"host": H_HOST,
+        b"connection": H_CONN,
+        b"transfer-encoding": H_TE,
+        b"upgrade": H_UPGRADE,
+        b"x-forwarded-for": H_XFF,
+        b"forwarded": H_UNTRUSTED,
+        b"x-real-ip": H_UNTRUSTED,
+        b"x-forwarded-proto": H_UNTRUSTED,
+        b"x-forwarded-host": H_UNTRUSTED,
+        b"cookie": H_COOKIE,
+        OVERRIDE_TOKEN_HEADER: H_TOKEN,
+        b"content-length": H_CL,
+        b"sec-websocket-key": H_WSKEY,
+    }
+)
+
+BODY_BUFFER_LIMIT = 256 * 1024
+NO_TRAILER = frozenset(SPECIAL) | {b"x-bg-color", b"authorization", b"cookie"}
+
+
+def assert_c_parser() -> None:
+    """Strictness and speed both rest on llhttp: refuse to run on a pure-Python fallback."""
+    from httptools.parser import parser as cparser
+
+    if not str(cparser.__file__).endswith((".so", ".pyd")):
+        raise RuntimeError("httptools is not using its C parser (llhttp)")
+
+
+class Reject(Exception):
+    """Raised from a parser callback: answer ``reply`` and close."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+
+def method_shaped(data: bytes) -> bool:
+    word = data.split(b" ", 1)[0]
+    return 0 < len(word) <= 20 and word.isalpha() and word.isupper()
+
+
+def origin_form(url: bytes, host: bytes | None) -> bytes:
+    """Absolute-form to origin-form; the authority must agree with Host."""
+    if url == b"*":
+        return url
+    low = url.lower()
+    if not (low.startswith(b"http://") or low.startswith(b"https://")):
+        raise Reject(Reply.BAD_REQUEST)
+    rest = url.split(b"://", 1)[1]
+    authority, slash, path = rest.partition(b"/")
+    if host is None or authority.lower() != host.lower():
+        raise Reject(Reply.BAD_REQUEST)
+    return slash + path if slash else b"/"
+
+
+def is_http09(data: bytes) -> bool:
+    """A complete first line with no HTTP version: an HTTP/0.9 simple request."""
+    end = data.find(b"\n")
+    return end >= 0 and b" HTTP/" not in data[:end]
+
+
+def valid_ws_key(key: bytes | None) -> bool:
+    """RFC 6455 §4.1: base64 of 16 bytes."""
+    if key is None:
+        return False
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+class Pending:
+    """A pipelined request parsed while the one before it was still being answered."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "head_done",
+        "headers",
+        "keep_alive",
+        "method",
+        "reject",
+        "size",
+        "trailers",
+        "upgrade",
+        "url",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.head_done = False
+        self.complete = False
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.upgrade = False
+        self.size = 0  # head bytes so far, against limits.max_header_bytes
+        self.reject: Reply | None = None  # a parse error, answered when its turn comes
