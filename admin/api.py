@@ -318,6 +318,13 @@ def _opt_int(data: dict[str, Any], key: str) -> int | None:
     return value
 
 
+def _opt_force(data: dict[str, Any]) -> bool:
+    force = data.get("force", False)
+    if not isinstance(force, bool):
+        raise ApiError(400, "bad_request", "'force' must be a boolean")
+    return force
+
+
 def _state_error(exc: StateError) -> ApiError:
     status = (
         503
@@ -356,30 +363,35 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         await cp.fleet.refresh()  # other instances' records as they are now (bounded)
         return web.json_response(cp.status())
 
-    async def switch(request: web.Request) -> web.Response:
-        data = await _json_body(request)
-        color = Color.parse(data.get("color"))
-        if color is None:
-            raise ApiError(400, "bad_color", '\'color\' must be "blue" or "green"')
-        reason = _opt_str(data, "reason")
-        force = data.get("force", False)
-        if not isinstance(force, bool):
-            raise ApiError(400, "bad_request", "'force' must be a boolean")
-        expected = _opt_int(data, "expected_generation")
-        if not force and switch_to(cp.store.snapshot(), color, 0.0) is not None:
-            await cp.check_gates([color])  # a no-op switch runs none
+    async def commit(
+        data: dict[str, Any],
+        action: str,
+        build: Callable[[RoutingState], RoutingState | None],
+        force: bool = False,
+    ) -> web.Response:
+        """One write: compare-and-set through the ControlPlane, answered once settled."""
         try:
             new = await cp.apply(
-                lambda s: switch_to(s, color, time.time()),
-                "switch",
-                reason,
+                build,
+                action,
+                _opt_str(data, "reason"),
                 actor,
-                expected_generation=expected,
+                expected_generation=_opt_int(data, "expected_generation"),
                 details={"force": True} if force else None,
             )
         except StateError as exc:
             raise _state_error(exc) from exc
         return web.json_response(await cp.settled_status(new))
+
+    async def switch(request: web.Request) -> web.Response:
+        data = await _json_body(request)
+        color = Color.parse(data.get("color"))
+        if color is None:
+            raise ApiError(400, "bad_color", '\'color\' must be "blue" or "green"')
+        force = _opt_force(data)
+        if not force and switch_to(cp.store.snapshot(), color, 0.0) is not None:
+            await cp.check_gates([color])  # a no-op switch runs none
+        return await commit(data, "switch", lambda s: switch_to(s, color, time.time()), force)
 
     async def weights(request: web.Request) -> web.Response:
         data = await _json_body(request)
@@ -390,42 +402,20 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         assert isinstance(blue, int) and isinstance(green, int)
         if blue == 0 and green == 0:
             raise ApiError(400, "bad_weights", "weights must not both be 0")
-        expected = _opt_int(data, "expected_generation")
-        force = data.get("force", False)
-        if not isinstance(force, bool):
-            raise ApiError(400, "bad_request", "'force' must be a boolean")
+        force = _opt_force(data)
         if not force:
             # Gates only for a color this change gives traffic it did not have.
             had = cp.store.snapshot().weights
             await cp.check_gates(
                 c for c, w in ((Color.BLUE, blue), (Color.GREEN, green)) if w > 0 and not had.of(c)
             )
-        try:
-            new = await cp.apply(
-                lambda s: set_weights(s, blue, green, time.time()),
-                "weights",
-                _opt_str(data, "reason"),
-                actor,
-                expected_generation=expected,
-                details={"force": True} if force else None,
-            )
-        except StateError as exc:
-            raise _state_error(exc) from exc
-        return web.json_response(await cp.settled_status(new))
+        return await commit(
+            data, "weights", lambda s: set_weights(s, blue, green, time.time()), force
+        )
 
     async def rollback(request: web.Request) -> web.Response:
         data = await _json_body(request)
-        try:
-            new = await cp.apply(
-                lambda s: roll_back(s, time.time()),
-                "rollback",
-                _opt_str(data, "reason"),
-                actor,
-                expected_generation=_opt_int(data, "expected_generation"),
-            )
-        except StateError as exc:
-            raise _state_error(exc) from exc
-        return web.json_response(await cp.settled_status(new))
+        return await commit(data, "rollback", lambda s: roll_back(s, time.time()))
 
     async def events(request: web.Request) -> web.Response:
         raw = request.query.get("limit", "50")

@@ -271,8 +271,8 @@ class Exchange(asyncio.Protocol):
 
     # -- ends -----------------------------------------------------------------------------
 
-    def _fail(self, exc: UpstreamError) -> None:
-        """Map an upstream failure to the client, once: an error reply or a cut stream."""
+    def _detach(self) -> UpstreamConnection | None:
+        """Stop connecting and let go of the upstream connection; the caller ends it."""
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
@@ -280,6 +280,12 @@ class Exchange(asyncio.Protocol):
         if up is not None:
             self.up = None
             up.client = None
+        return up
+
+    def _fail(self, exc: UpstreamError) -> None:
+        """Map an upstream failure to the client, once: an error reply or a cut stream."""
+        up = self._detach()
+        if up is not None:
             up.abort()
         if self._response_started:
             if self.transport is not None:

@@ -125,13 +125,8 @@ class ClientConnection(Exchange):
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = CLOSED
         self.server.connections.discard(self)
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
-        up = self.up
+        up = self._detach()
         if up is not None:
-            self.up = None
-            up.client = None
             if self.ws is not None:
                 self.ws.client_lost()
                 up.close()
