@@ -135,6 +135,15 @@ class ClientConnection(Exchange):
         self._end_exchange(aborted=True)
 
     def eof_received(self) -> bool | None:
+        if self.phase == TUNNEL:
+            # A tunnel's client is gone: tell the upstream (a close frame beats a bare FIN
+            # for a WebSocket) and close both; half-open tunnels would pile up.
+            up = self._detach()
+            if up is not None:
+                if self.ws is not None:
+                    self.ws.client_lost()
+                up.close()
+            return False
         # A client half-close: finish the response in flight, then close.
         self.closing = True
         return self._active or self.up is not None

@@ -166,3 +166,26 @@ async def test_rollback_before_handoff_time_cancels_it(
         await ws.send_str("still")
         assert (await ws.receive_str(timeout=2)) == "blue:still"
         await ws.close()
+
+
+async def test_websocket_client_half_close_releases_both_legs(proxy: Proxy) -> None:
+    """A client that sends FIN without a close frame must not leave a half-open tunnel."""
+    host, port = proxy.run.proxy_address
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert head.startswith(b"HTTP/1.1 101")
+    assert (await _status(proxy))["colors"]["blue"]["websockets"] == 1
+    writer.write_eof()
+    async with asyncio.timeout(2):
+        rest = await reader.read()  # the proxy closes its side
+    writer.close()
+    assert rest == b"" or rest[:1] == b"\x88"  # nothing, or a close frame
+    for _ in range(200):
+        if (await _status(proxy))["colors"]["blue"]["websockets"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await _status(proxy))["colors"]["blue"]["websockets"] == 0
