@@ -49,8 +49,20 @@ class FrameTracker:
     def feed(self, data: bytes, want_boundary: bool = False) -> int:
         """Consume ``data``; with ``want_boundary``, stop at and return the first offset
         where the stream is at a message boundary (the rest is not consumed). -1 if none."""
-        pos = 0
         n = len(data)
+        if not want_boundary and not self._remaining and not self._hdr and n >= 2:
+            # Fast path, the common case for chat-like traffic: exactly one small frame.
+            b1 = data[1]
+            ln = b1 & 0x7F
+            if ln < 126 and n == 2 + ln + (4 if b1 & 0x80 else 0):
+                b0 = data[0]
+                opcode = b0 & 0x0F
+                if opcode < 0x8:
+                    self.in_message = not (b0 & 0x80)
+                elif opcode == OP_CLOSE:
+                    self.close_seen = True
+                return -1
+        pos = 0
         while pos < n:
             if self._remaining:
                 step = min(self._remaining, n - pos)
