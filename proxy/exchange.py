@@ -207,7 +207,7 @@ class Exchange(asyncio.Protocol):
         if conn is not self.up:
             return
         self.up = None
-        if reusable and self._req_done and not self.closing:
+        if reusable and self._req_done:  # the client closing is no reason to drop the upstream
             self.server.cpool.release(conn)
         else:
             conn.client = None

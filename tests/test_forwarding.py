@@ -19,6 +19,7 @@ from conftest import (
     config_dict,
     dead_address,
     raw_connection,
+    raw_exchange,
     read_response,
     upstream_headers,
 )
@@ -574,3 +575,40 @@ async def test_expect_100_continue(proxy: Proxy, upstreams: dict[str, Upstream])
     assert resp.status == 200
     assert json.loads(resp.body)["body_len"] == 11
     assert upstreams["blue"].behaviour.seen[-1]["body"] == b"hello world"
+
+
+async def test_client_connection_close_still_reuses_the_upstream_connection(
+    start_proxy: StartProxy,
+) -> None:
+    """New client connection per request (Connection: close) must not cost a new upstream
+    connection per request too."""
+    accepted = 0  # connections that carried proxied requests (health checks aside)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        counted = False
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if not counted and not head.startswith(b"GET /health"):
+                counted = True
+                accepted += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        proxy = await start_proxy(config_dict([url], [url], health_check={"interval": "1h"}))
+        host, port = proxy.run.proxy_address
+        for _ in range(20):
+            reply = await raw_exchange(
+                host, port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
+        assert accepted == 1
+    finally:
+        server.close()
+        await server.wait_closed()
