@@ -59,6 +59,9 @@ log = logging.getLogger("bgproxy.listener")
 
 
 
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive"})
+
+
 class ClientConnection(Exchange):
     """Parses requests and routes them; the exchange half lives in ``proxy.exchange``."""
 
@@ -391,7 +394,9 @@ class ClientConnection(Exchange):
                 ws_key = value
                 lines.extend((name, b": ", value, b"\r\n"))
             elif kind == H_CONN:
-                conn_tokens = (conn_tokens or set()) | connection_tokens(value)
+                # "close" / "keep-alive" name no header to drop: skip the token parse.
+                if value.lower() not in _PLAIN_CONNECTION:
+                    conn_tokens = (conn_tokens or set()) | connection_tokens(value)
             elif kind == H_TE:
                 te = value if te is None else te + b", " + value
             elif kind == H_UPGRADE:
