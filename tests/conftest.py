@@ -10,13 +10,17 @@ import asyncio
 import contextlib
 import copy
 import json
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from admin.runner import Running, running
@@ -427,3 +431,58 @@ async def redis_server() -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.kill()
+
+
+def free_port() -> int:
+    """A port free right now (bound, then released) for a proxy run as a process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ProxyProcess:
+    """``python -m proxy -c FILE [args]`` as users run it, ready once /readyz answers 200."""
+
+    def __init__(self, path: Path, *args: str) -> None:
+        self.path = path
+        self.args = args
+        data = yaml.safe_load(path.read_text())
+        self.url = f"http://{data['listen']}"
+        self.admin_url = f"http://{data['admin']['listen']}"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "BGPROXY_ADMIN_TOKEN"}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "-c", str(self.path), *self.args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        async with aiohttp.ClientSession() as s:
+            for _ in range(1000):
+                try:
+                    async with s.get(self.admin_url + "/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                if self.proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.02)
+        err = await self.proc.stderr.read() if self.proc.stderr else b""
+        raise AssertionError(f"proxy did not start: {err.decode()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(method, self.admin_url + path, json=body) as r,
+        ):
+            return r.status, json.loads(await r.text())
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()

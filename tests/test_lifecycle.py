@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import sys
@@ -16,56 +15,7 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import Upstream, start_upstream
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ProxyProcess:
-    def __init__(self, path: Path, port: int, admin_port: int) -> None:
-        self.path = path
-        self.url = f"http://127.0.0.1:{port}"
-        self.admin_url = f"http://127.0.0.1:{admin_port}"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "BGPROXY_ADMIN_TOKEN"}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "-c",
-            str(self.path),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        async with aiohttp.ClientSession() as s:
-            for _ in range(300):
-                try:
-                    async with s.get(self.admin_url + "/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if self.proc.returncode is not None:
-                    break
-                await asyncio.sleep(0.02)
-        err = await self.proc.stderr.read() if self.proc.stderr else b""
-        raise AssertionError(f"proxy did not start: {err.decode()}")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+from conftest import ProxyProcess, Upstream, free_port, start_upstream
 
 
 def write_config(
@@ -100,7 +50,7 @@ async def test_sigterm_finishes_requests_closes_websockets_1001_and_exits_0(
     write_config(
         cfg, port, admin_port, [ups["blue"].url], [ups["green"].url], drain={"timeout": "5s"}
     )
-    p = ProxyProcess(cfg, port, admin_port)
+    p = ProxyProcess(cfg)
     await p.start()
     try:
         async with aiohttp.ClientSession() as s:
@@ -135,7 +85,7 @@ async def test_sighup_reloads_targets_without_failing_a_request(
     port, admin_port = free_port(), free_port()
     cfg = tmp_path / "bgproxy.yaml"
     write_config(cfg, port, admin_port, [ups["blue"].url], [ups["green"].url])
-    p = ProxyProcess(cfg, port, admin_port)
+    p = ProxyProcess(cfg)
     await p.start()
     try:
         async with aiohttp.ClientSession() as s:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import socket
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,64 +13,16 @@ import aiohttp
 import pytest
 import yaml
 
-from conftest import Proxy, RedisServer, StartProxy, Upstream, config_dict, start_upstream
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Served:
-    """A ``bgproxy serve --workers N`` process and its URLs."""
-
-    def __init__(self, path: Path, workers: int) -> None:
-        self.path = path
-        self.workers = workers
-        data = yaml.safe_load(path.read_text())
-        self.url = f"http://{data['listen']}"
-        self.admin_url = f"http://{data['admin']['listen']}"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "BGPROXY_ADMIN_TOKEN"}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "-c",
-            str(self.path),
-            "--workers",
-            str(self.workers),
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        async with aiohttp.ClientSession() as s:
-            for _ in range(1000):
-                try:
-                    async with s.get(self.admin_url + "/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if self.proc.returncode is not None:
-                    break
-                await asyncio.sleep(0.02)
-        err = await self.proc.stderr.read() if self.proc.stderr else b""
-        raise AssertionError(f"proxy did not start: {err.decode()}")
-
-    async def admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        async with (
-            aiohttp.ClientSession() as s,
-            s.request(method, self.admin_url + path, json=body) as r,
-        ):
-            return r.status, json.loads(await r.text())
-
-    async def kill(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+from conftest import (
+    Proxy,
+    ProxyProcess,
+    RedisServer,
+    StartProxy,
+    Upstream,
+    config_dict,
+    free_port,
+    start_upstream,
+)
 
 
 def write(path: Path, blue: list[str], green: list[str], **extra: Any) -> None:
@@ -121,22 +70,22 @@ async def ups() -> AsyncIterator[dict[str, Upstream]]:
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    started: list[Served] = []
+async def served(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ProxyProcess]]]:
+    started: list[ProxyProcess] = []
 
-    async def start(path: Path, workers: int = 2) -> Served:
-        proc = Served(path, workers)
+    async def start(path: Path, workers: int = 2) -> ProxyProcess:
+        proc = ProxyProcess(path, "--workers", str(workers))
         started.append(proc)
         await proc.start()
         return proc
 
     yield start
     for proc in started:
-        await proc.kill()
+        await proc.stop()
 
 
 async def test_a_flip_reaches_every_worker_before_the_admin_call_returns(
-    tmp_path: Path, ups: dict[str, Upstream], served: Callable[..., Awaitable[Served]]
+    tmp_path: Path, ups: dict[str, Upstream], served: Callable[..., Awaitable[ProxyProcess]]
 ) -> None:
     cfg = tmp_path / "bgproxy.yaml"
     write(cfg, [ups["blue"].url], [ups["green"].url])
@@ -178,7 +127,7 @@ async def test_a_flip_reaches_every_worker_before_the_admin_call_returns(
 
 
 async def test_workers_restart_reload_and_stop_gracefully(
-    tmp_path: Path, ups: dict[str, Upstream], served: Callable[..., Awaitable[Served]]
+    tmp_path: Path, ups: dict[str, Upstream], served: Callable[..., Awaitable[ProxyProcess]]
 ) -> None:
     cfg = tmp_path / "bgproxy.yaml"
     write(cfg, [ups["blue"].url], [ups["green"].url], drain={"timeout": "3s"})
@@ -229,7 +178,7 @@ async def test_with_redis_each_worker_is_a_fleet_instance(
     ups: dict[str, Upstream],
     redis_server: RedisServer,
     start_proxy: StartProxy,
-    served: Callable[..., Awaitable[Served]],
+    served: Callable[..., Awaitable[ProxyProcess]],
 ) -> None:
     state = {"backend": "redis", "redis_url": redis_server.url()}
     cfg = tmp_path / "bgproxy.yaml"
@@ -264,7 +213,7 @@ async def test_with_redis_each_worker_is_a_fleet_instance(
 
 
 async def test_the_supervisor_rolls_back_on_its_workers_summed_traffic(
-    tmp_path: Path, ups: dict[str, Upstream], served: Callable[..., Awaitable[Served]]
+    tmp_path: Path, ups: dict[str, Upstream], served: Callable[..., Awaitable[ProxyProcess]]
 ) -> None:
     ups["green"].behaviour.fail_rate = 0.5
     rollback = {"window": "5s", "interval": "500ms", "min_requests": 10, "failure_limit": 1}
