@@ -5,7 +5,7 @@ with the generation it has applied and its connection counts), how the state sto
 doing, and — after a write — which live instances have not applied the new generation
 yet (``wait_applied``, bounded). ``LocalFleet`` is one process on the memory store;
 ``RedisFleet`` is every proxy registered in Redis (see ``proxy.redis_store``). A
-supervisor with workers wraps either (``admin.workers.WorkerFleet``).
+supervisor with workers wraps either (``admin.supervisor.WorkerFleet``).
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def main_serve(path: str, workers: int = 1) -> int:
         return 2
     try:
         if workers > 1:
-            from admin.workers import supervise  # one process (the default) never loads it
+            from admin.supervisor import supervise  # one process (the default) never loads it
 
             return run_loop(supervise(config, path, workers))
         return run_loop(serve(config, path))

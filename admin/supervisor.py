@@ -1,0 +1,439 @@
+"""``bgproxy serve --workers N``, the supervisor side: sockets, worker processes, and the
+flip that every worker must acknowledge before an admin write answers.
+
+The worker side and the channel protocol are described in ``admin/workers.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from admin.fleet import Fleet, Identity, RedisFleet, present
+from admin.runner import (
+    Running,
+    StartupError,
+    reload_config,
+    running,
+)
+from admin.workers import (
+    CHANNEL_LIMIT,
+    START_TIMEOUT,
+    encode_line,
+)
+from config import Config, HostPort
+from proxy.redis_store import decode_event, encode_event
+from proxy.state import (
+    COLORS,
+    Color,
+    RoutingState,
+    StateError,
+    StateStore,
+)
+
+log = logging.getLogger("bgproxy.workers")
+
+# -- the supervisor side -------------------------------------------------------------------
+
+
+def listen_sockets(listen: HostPort, n: int) -> list[socket.socket]:
+    """``n`` listening sockets on one address with SO_REUSEPORT (port 0: the first one's)."""
+    socks: list[socket.socket] = []
+    port = listen.port
+    try:
+        for _ in range(n):
+            infos = socket.getaddrinfo(
+                listen.host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, addr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(addr)
+            sock.listen(2048)
+            port = sock.getsockname()[1]
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise StartupError(f"listen: cannot listen on {listen}: {exc.strerror}") from exc
+    return socks
+
+
+class Slot:
+    """One worker position: its socket outlives the processes that serve it."""
+
+    def __init__(self, index: int, sock: socket.socket, ident: str) -> None:
+        self.index = index
+        self.sock = sock
+        self.id = ident
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.acked = 0  # generation the running process has reported applied
+        self.in_flight: dict[str, int] = dict.fromkeys((c.value for c in COLORS), 0)
+        self.websockets: dict[str, int] = dict.fromkeys((c.value for c in COLORS), 0)
+        self.last_seen = 0.0
+        self.ready = False  # reported at least once since it was started
+        self.seen: dict[tuple[str, ...], Any] = {}  # its cumulative counters, last report
+
+    def reset(self) -> None:
+        self.proc = self.writer = None
+        self.acked = 0
+        self.ready = False
+        self.seen = {}  # a new process counts from zero
+        for counts in (self.in_flight, self.websockets):
+            for key in counts:
+                counts[key] = 0
+
+
+class WorkerPool:
+    """Starts, feeds, watches and restarts the workers; an async context manager."""
+
+    def __init__(
+        self,
+        run: Running,
+        config_path: str,
+        socks: list[socket.socket],
+        identity: Identity,
+        on_ack: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.run = run
+        self.store: StateStore = run.control.store
+        self.server = run.server
+        self.path = config_path
+        self.identity = identity
+        self.on_ack = on_ack
+        self.slots = [Slot(i, s, f"{identity.id}/w{i}") for i, s in enumerate(socks)]
+        self.stopping = False
+        self.started = False  # every worker has served once: from now on, deaths restart
+        self._acked = asyncio.Event()
+        self._failed: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def __aenter__(self) -> WorkerPool:
+        self.store.add_listener(self._push)
+        for slot in self.slots:
+            self._spawn(self._keep_running(slot), f"worker-{slot.index}")
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while not all(s.ready for s in self.slots):
+                    if self._failed:
+                        raise StartupError(self._failed)
+                    await self._next_ack()
+        except TimeoutError:
+            await self._stop_all(0)
+            raise StartupError(f"workers did not start within {START_TIMEOUT:g}s") from None
+        except BaseException:
+            await self._stop_all(0)
+            raise
+        self.started = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop_all(0)
+
+    # -- what the admin API asks -------------------------------------------------------------
+
+    def instances(self) -> list[dict[str, Any]]:
+        out = []
+        for slot in self.slots:
+            if slot.proc is None:
+                continue
+            record = self.identity.record(f"/w{slot.index}", pid=slot.proc.pid)
+            out.append(
+                {
+                    **record,
+                    "worker": slot.index,
+                    "generation": slot.acked,  # 0 until it has reported
+                    "in_flight": dict(slot.in_flight),
+                    "websockets": dict(slot.websockets),
+                    "last_seen": slot.last_seen or time.time(),
+                }
+            )
+        return out
+
+    async def wait_applied(self, generation: int, timeout: float) -> list[str]:
+        """Until every running worker acknowledged ``generation`` (event-driven, bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lagging = [s.id for s in self.slots if s.proc is not None and s.acked < generation]
+            left = deadline - time.monotonic()
+            if not lagging or left <= 0:
+                return lagging
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._next_ack()
+
+    def signal_all(self, sig: int) -> None:
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.send_signal(sig)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Graceful: SIGTERM every worker, wait for them (killed after ``timeout``)."""
+        await self._stop_all(timeout)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _next_ack(self) -> None:
+        await self._acked.wait()
+
+    def _acknowledged(self) -> None:
+        # Wake every waiter once; later waiters wait for the next report.
+        self._acked.set()
+        self._acked = asyncio.Event()
+
+    def _push(self, old: RoutingState, new: RoutingState) -> None:
+        line = encode_line({"t": "state", "state": new.to_dict()})
+        for slot in self.slots:
+            if slot.writer is not None and not slot.writer.is_closing():
+                slot.writer.write(line)
+
+    async def _stop_all(self, timeout: float) -> None:
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        if procs:
+            waits = [p.wait() for p in procs]
+            try:
+                async with asyncio.timeout(timeout + 2.0):
+                    await asyncio.gather(*waits)
+            except TimeoutError:
+                for p in procs:
+                    if p.returncode is None:
+                        log.warning("worker pid %d did not stop in time; killing it", p.pid)
+                        with contextlib.suppress(ProcessLookupError):
+                            p.kill()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _keep_running(self, slot: Slot) -> None:
+        backoff = 0.1
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                code = await self._run_once(slot)
+            except Exception:  # e.g. out of file descriptors: retried like a crash
+                log.exception("could not run worker %d", slot.index)
+                code = None
+            if self.stopping:
+                return
+            if not self.started:
+                # A worker that cannot start is a start-up failure, not a restart loop.
+                self._failed = f"worker {slot.index} exited with code {code} while starting"
+                self._acknowledged()
+                return
+            slot.reset()
+            self._update_totals()
+            self._acknowledged()
+            backoff = 0.1 if time.monotonic() - started > 10 else min(backoff * 2, 5.0)
+            log.warning("worker %d exited with code %s; restarting it", slot.index, code)
+            await asyncio.sleep(backoff)
+
+    async def _run_once(self, slot: Slot) -> int | None:
+        parent, child = socket.socketpair()
+        fds = (slot.sock.fileno(), child.fileno())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "admin.workers",
+                "--config",
+                self.path,
+                "--listen-fd",
+                str(fds[0]),
+                "--channel-fd",
+                str(fds[1]),
+                "--index",
+                str(slot.index),
+                pass_fds=fds,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=CHANNEL_LIMIT)
+        slot.proc, slot.writer = proc, writer
+        writer.write(encode_line({"t": "state", "state": self.store.snapshot().to_dict()}))
+        try:
+            while line := await reader.readline():
+                try:
+                    self._handle(slot, json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    log.exception("bad message from worker %d: %.200r", slot.index, line)
+        except ConnectionError as exc:
+            log.error("channel to worker %d broke: %s", slot.index, exc)
+        finally:
+            writer.close()
+        return await proc.wait()
+
+    def _handle(self, slot: Slot, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "report":
+            generation = int(msg["generation"])
+            changed = generation != slot.acked or not slot.ready
+            slot.acked = generation
+            slot.in_flight.update(msg["in_flight"])
+            slot.websockets.update(msg["websockets"])
+            slot.last_seen = time.time()
+            slot.ready = True
+            self._update_totals()
+            self._merge_stats(slot, msg.get("stats"))
+            if changed:
+                self._acknowledged()
+                self.on_ack()
+        elif kind == "cas":
+            self._spawn(self._answer_cas(slot, msg), f"worker-{slot.index}-cas")
+        elif kind == "events":
+            self._spawn(self._answer_events(slot, msg), f"worker-{slot.index}-events")
+
+    def _update_totals(self) -> None:
+        live = [s for s in self.slots if s.proc is not None]
+        in_flight = {c: sum(s.in_flight[c.value] for s in live) for c in COLORS}
+        websockets = {c: sum(s.websockets[c.value] for s in live) for c in COLORS}
+        self.server.mirror_counts(in_flight, websockets)
+
+    def _merge_stats(self, slot: Slot, stats: dict[str, Any] | None) -> None:
+        """Add what a worker counted since its last report to the supervisor's counters."""
+        if not stats:
+            return
+        server, seen = self.server, slot.seen
+
+        def delta(key: tuple[str, ...], total: Any) -> Any:
+            before = seen.get(key, 0)
+            seen[key] = total
+            return total - before
+
+        for c, status, n in stats["responses"]:
+            server.responses[Color(c), int(status)] += delta(("r", c, str(status)), n)
+        for c, kind, n in stats["upstream_errors"]:
+            server.upstream_errors[Color(c), kind] += delta(("u", c, kind), n)
+        for c, n in stats["reconnects"].items():
+            server.drain.reconnects_sent[Color(c)] += delta(("w", c), n)
+        for c, (requests, errors, latency_sum, counts) in stats["traffic"].items():
+            t = server.traffic.colors[Color(c)]
+            t.requests += delta(("t", c, "requests"), requests)
+            t.errors += delta(("t", c, "errors"), errors)
+            t.latency_sum += delta(("t", c, "latency_sum"), latency_sum)
+            for i, n in enumerate(counts):
+                t.counts[i] += delta(("t", c, str(i)), n)
+        # The supervisor's data plane never runs its sweeper, which takes these samples.
+        server.traffic.sample(server.loop.time())
+
+    def _reply(self, slot: Slot, rid: Any, body: dict[str, Any]) -> None:
+        if slot.writer is not None and not slot.writer.is_closing():
+            slot.writer.write(encode_line({"t": "reply", "id": rid, **body}))
+
+    async def _answer_cas(self, slot: Slot, msg: dict[str, Any]) -> None:
+        try:
+            new = RoutingState.from_dict(msg["state"])
+            state = await self.store.compare_and_set(
+                int(msg["expected"]), new, decode_event(msg["event"])
+            )
+        except StateError as exc:
+            self._reply(slot, msg["id"], {"ok": False, "error": exc.code, "detail": str(exc)})
+            return
+        self._reply(slot, msg["id"], {"ok": True, "state": state.to_dict()})
+
+    async def _answer_events(self, slot: Slot, msg: dict[str, Any]) -> None:
+        try:
+            items = await self.store.events(int(msg["limit"]))
+        except StateError as exc:
+            self._reply(slot, msg["id"], {"ok": False, "error": exc.code, "detail": str(exc)})
+            return
+        self._reply(slot, msg["id"], {"ok": True, "events": [encode_event(e) for e in items]})
+
+
+class WorkerFleet:
+    """The supervisor's fleet: its workers, and with Redis every other instance too."""
+
+    def __init__(self, pool: WorkerPool, inner: Fleet) -> None:
+        self.pool = pool
+        self.inner = inner
+        if isinstance(inner, RedisFleet):
+            # The supervisor serves nothing: its workers are the instances it registers.
+            inner.set_local(pool.instances)
+            pool.on_ack = inner.kick
+
+    def instances(self) -> list[dict[str, Any]]:
+        if isinstance(self.inner, RedisFleet):
+            return self.inner.instances()
+        return [present(r) for r in self.pool.instances()]
+
+    def store_status(self) -> dict[str, Any]:
+        return {**self.inner.store_status(), "workers": len(self.pool.slots)}
+
+    def unavailable_detail(self) -> str:
+        return self.inner.unavailable_detail()
+
+    async def refresh(self) -> None:
+        await self.inner.refresh()
+
+    async def wait_applied(self, generation: int, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        lagging = await self.pool.wait_applied(generation, timeout)
+        if isinstance(self.inner, RedisFleet):
+            left = max(0.0, deadline - time.monotonic())
+            others = await self.inner.wait_applied(generation, left)
+            lagging = sorted(set(lagging) | set(others))
+        return lagging
+
+
+async def supervise(config: Config, path: str, workers: int) -> int:
+    socks = listen_sockets(config.listen, workers)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    try:
+        async with running(config, data_plane=False) as run:
+            control = run.control
+            control.ready = False  # until every worker serves
+            pool = WorkerPool(run, path, socks, control.identity)
+            async with pool:
+                control.fleet = WorkerFleet(pool, control.fleet)
+                control.ready = True
+                host, port = socks[0].getsockname()[:2]
+                ahost, aport = run.admin_address
+                log.info(
+                    "bgproxy listening on http://%s:%d with %d workers (admin http://%s:%d)",
+                    host,
+                    port,
+                    workers,
+                    ahost,
+                    aport,
+                )
+                loop.add_signal_handler(signal.SIGTERM, stop.set)
+                loop.add_signal_handler(signal.SIGINT, stop.set)
+                loop.add_signal_handler(signal.SIGHUP, _reload, run, path, pool)
+                await stop.wait()
+                log.info("shutting down %d workers", workers)
+                control.ready = False
+                await pool.shutdown(run.server.config.drain.timeout)
+    finally:
+        for sock in socks:
+            sock.close()
+    return 0
+
+
+def _reload(run: Running, path: str, pool: WorkerPool) -> None:
+    # Validated here first: a bad file is rejected once, and workers keep their config.
+    if reload_config(run, path):
+        pool.signal_all(signal.SIGHUP)
