@@ -32,6 +32,7 @@ from proxy.state import (
     StateStore,
     StoreUnavailable,
     describe,
+    rfc3339,
     roll_back,
     set_weights,
     switch_to,
@@ -111,7 +112,7 @@ class ControlPlane:
             "weights": state.weights.as_dict(),
             "generation": state.generation,
             "previous": state.previous.value if state.previous else None,
-            "changed_at": _rfc3339(state.changed_at),
+            "changed_at": rfc3339(state.changed_at),
             "colors": server.colors_status(),
             "drain": server.drain.drain.to_dict(),
             "rollback": self.rollback.status()
@@ -137,7 +138,7 @@ class ControlPlane:
             "generation": self.store.snapshot().generation,
             "in_flight": {c.value: n for c, n in server.in_flight.items()},
             "websockets": {c.value: n for c, n in server.websockets.items()},
-            "last_seen": _rfc3339(time.time()),
+            "last_seen": rfc3339(time.time()),
         }
 
     async def apply(
@@ -186,10 +187,6 @@ class ControlPlane:
             self._applying.remove(entry)
         self.switches[trigger] += 1
         return applied
-
-
-def _rfc3339(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
 # -- middlewares --------------------------------------------------------------------------

@@ -22,13 +22,9 @@ from typing import Any, Protocol
 from config import Config
 from proxy import __version__
 from proxy.redis_store import REDIS_DOWN, RedisStateStore
-from proxy.state import Color, MemoryStateStore, RoutingState, StateStore
+from proxy.state import Color, MemoryStateStore, RoutingState, StateStore, rfc3339
 
 InstanceSource = Callable[[], list[dict[str, Any]]]
-
-
-def rfc3339(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from config import RollbackConfig
-from proxy.state import COLORS, Color, RoutingState, StateError, StoreUnavailable, roll_back
+from proxy.state import (
+    COLORS,
+    Color,
+    RoutingState,
+    StateError,
+    StoreUnavailable,
+    rfc3339,
+    roll_back,
+)
 from proxy.stats import Window
 
 if TYPE_CHECKING:
@@ -116,9 +124,7 @@ def gained_traffic(old: RoutingState, new: RoutingState) -> Color | None:
 
 
 def _rfc3339(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+    return None if ts is None else rfc3339(ts)
 
 
 @dataclass(slots=True)

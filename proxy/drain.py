@@ -18,7 +18,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from proxy.state import COLORS, Color, RoutingState
+from proxy.state import COLORS, Color, RoutingState, rfc3339
 from proxy.websocket import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 if TYPE_CHECKING:
@@ -42,6 +42,10 @@ def render_message(template: str, color: Color, reason: str) -> str:
     return template.replace("{color}", esc(color.value)).replace("{reason}", esc(reason))
 
 
+def _time(ts: float | None) -> str | None:
+    return None if ts is None else rfc3339(ts)
+
+
 class Drain:
     """The drain of one color, as ``/status`` shows it."""
 
@@ -57,9 +61,9 @@ class Drain:
         return {
             "color": self.color.value if self.color else None,
             "state": self.state,
-            "started_at": self.started_at,
-            "deadline": self.deadline,
-            "completed_at": self.completed_at,
+            "started_at": _time(self.started_at),
+            "deadline": _time(self.deadline),
+            "completed_at": _time(self.completed_at),
             "forced": self.forced,
         }
 

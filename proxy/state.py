@@ -110,6 +110,13 @@ class RoutingState:
         )
 
 
+def rfc3339(ts: float) -> str:
+    """How every time in the admin API is written: UTC, milliseconds, ``Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
 class StateError(Exception):
     """A write the store refused; ``code`` is the admin API's error code."""
 
@@ -187,9 +194,7 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "at": datetime.fromtimestamp(self.at, UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "at": rfc3339(self.at),
             "generation": self.generation,
             "action": self.action,
             "from": self.from_,
