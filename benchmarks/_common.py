@@ -1203,3 +1203,22 @@ def _helper_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_helper_main(sys.argv[1:]))
+
+
+def add_target_args(
+    p: argparse.ArgumentParser,
+    targets: Sequence[str],
+    start_timeout: float = 20,
+    default: Sequence[str] | None = None,
+) -> None:
+    """The options every benchmark shares: which targets, how long to wait, where to write."""
+    chosen = list(targets if default is None else default)
+    p.add_argument(
+        "--targets", type=lambda v: parse_list(v, targets, "--targets"), default=chosen,
+        help=f"targets: {','.join(targets)} (default {','.join(chosen)})",
+    )  # fmt: skip
+    p.add_argument(
+        "--start-timeout", type=float, default=start_timeout,
+        help=f"seconds to wait for each server (default {start_timeout:g})",
+    )  # fmt: skip
+    p.add_argument("--json", type=Path, help="write all raw numbers to this file")

@@ -37,6 +37,7 @@ from _common import (
     Server,
     Servers,
     TargetFailed,
+    add_target_args,
     ensure_tools,
     env_info,
     fmt,
@@ -297,14 +298,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--modes", type=lambda v: parse_list(v, MODES, "--modes"), default=list(MODES),
         help="modes: keepalive,close",
     )  # fmt: skip
-    p.add_argument(
-        "--targets", type=lambda v: parse_list(v, TARGETS, "--targets"), default=list(TARGETS),
-        help="targets: direct,nginx,haproxy,bgproxy",
-    )  # fmt: skip
-    p.add_argument(
-        "--start-timeout", type=float, default=20, help="seconds to wait for each server"
-    )
-    p.add_argument("--json", type=Path, help="write all raw numbers to this file")
+    add_target_args(p, TARGETS)
     args = p.parse_args(argv)
     if args.runs < 1 or args.duration <= 0 or args.connections < 1:
         p.error("--runs, --duration and --connections must be positive")

@@ -48,6 +48,7 @@ from _common import (
     Server,
     Servers,
     TargetFailed,
+    add_target_args,
     ensure_tools,
     env_info,
     fmt,
@@ -61,7 +62,6 @@ from _common import (
     median_or_none,
     need_cpus,
     open_http,
-    parse_list,
     percentile,
     pin_self,
     print_rows,
@@ -446,12 +446,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2, help="unmeasured seconds before each run")
     p.add_argument("--runs", type=int, default=3, help="interleaved runs (default 3)")
     p.add_argument("--connections", type=int, default=32, help="keep-alive connections")
-    p.add_argument(
-        "--targets", type=lambda v: parse_list(v, TARGETS, "--targets"), default=list(TARGETS),
-        help="targets: direct,nginx,haproxy,bgproxy",
-    )  # fmt: skip
-    p.add_argument("--start-timeout", type=float, default=20, help="seconds to wait per server")
-    p.add_argument("--json", type=Path, help="write all raw numbers to this file")
+    add_target_args(p, TARGETS)
     args = p.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0 or args.runs < 1 or args.connections < 1:
         p.error("--rate, --duration, --runs and --connections must be positive")

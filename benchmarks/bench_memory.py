@@ -53,6 +53,7 @@ from _common import (
     Servers,
     TargetFailed,
     WsClientProtocol,
+    add_target_args,
     ensure_tools,
     env_info,
     fmt,
@@ -335,12 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--kinds", type=lambda v: parse_list(v, KINDS, "--kinds"), default=list(KINDS),
         help="ws,http",
     )  # fmt: skip
-    p.add_argument(
-        "--targets", type=lambda v: parse_list(v, TARGETS, "--targets"), default=list(TARGETS),
-        help="bgproxy,nginx,haproxy",
-    )  # fmt: skip
-    p.add_argument("--start-timeout", type=float, default=20, help="seconds to wait per server")
-    p.add_argument("--json", type=Path, help="write the results to this file")
+    add_target_args(p, TARGETS)
     args = p.parse_args(argv)
     if args.connections < 1 or args.batch < 1:
         p.error("--connections and --batch must be positive")

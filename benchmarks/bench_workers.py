@@ -36,6 +36,7 @@ from _common import (
     Server,
     Servers,
     TargetFailed,
+    add_target_args,
     bgproxy_workers_flag,
     ensure_tools,
     env_info,
@@ -105,13 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--modes", type=lambda v: parse_list(v, MODES, "--modes"), default=["keepalive"],
         help="modes: keepalive,close (default keepalive)",
     )  # fmt: skip
-    p.add_argument(
-        "--targets", type=lambda v: parse_list(v, TARGETS, "--targets"),
-        default=["direct", "nginx", "haproxy", "bgproxy"],
-        help=f"targets: {','.join(TARGETS)} (default all but bgproxy1)",
-    )  # fmt: skip
-    p.add_argument("--start-timeout", type=float, default=30, help="seconds to wait per server")
-    p.add_argument("--json", type=Path, help="write all raw numbers to this file")
+    add_target_args(
+        p, TARGETS, start_timeout=30, default=["direct", "nginx", "haproxy", "bgproxy"]
+    )
     args = p.parse_args(argv)
     if args.runs < 1 or args.duration <= 0 or args.connections < 1 or args.threads < 1:
         p.error("--runs, --duration, --connections and --threads must be positive")

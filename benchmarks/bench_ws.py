@@ -43,6 +43,7 @@ from _common import (
     Servers,
     TargetFailed,
     WsClientProtocol,
+    add_target_args,
     ensure_tools,
     env_info,
     fmt,
@@ -55,7 +56,6 @@ from _common import (
     median_or_none,
     need_cpus,
     open_ws,
-    parse_list,
     percentile,
     pin_self,
     print_rows,
@@ -232,12 +232,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1, help="unmeasured seconds before each run")
     p.add_argument("--runs", type=int, default=3, help="interleaved runs (default 3)")
     p.add_argument("--size", type=int, default=32, help="message bytes, < 126 (default 32)")
-    p.add_argument(
-        "--targets", type=lambda v: parse_list(v, TARGETS, "--targets"), default=list(TARGETS),
-        help="targets: direct,nginx,haproxy,bgproxy",
-    )  # fmt: skip
-    p.add_argument("--start-timeout", type=float, default=20, help="seconds to wait per server")
-    p.add_argument("--json", type=Path, help="write all raw numbers to this file")
+    add_target_args(p, TARGETS)
     args = p.parse_args(argv)
     if args.clients < 1 or args.duration <= 0 or args.runs < 1 or not 0 < args.size < 126:
         p.error("--clients, --duration, --runs must be positive and 0 < --size < 126")
