@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from admin.dashboard import DASHBOARD_PATHS, add_dashboard
 from admin.fleet import Fleet, Identity, default_fleet
 from admin.gates import GateFailed
+from proxy import _hotpath
 from proxy.server import ProxyServer
 from proxy.state import (
     Color,
@@ -121,6 +122,7 @@ class ControlPlane:
             "traffic": server.traffic.status(server.loop.time()),
             "instances": self.fleet.instances(),
             "store": self.fleet.store_status(),
+            "hot_path": _hotpath.KIND,
         }
 
     async def settled_status(self, new: RoutingState | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from config import Config, ConfigError, load_config
+from proxy import _hotpath
 from proxy.health import HealthChecker
 from proxy.server import ProxyServer
 from proxy.state import StateStore, StoreUnavailable
@@ -167,6 +168,7 @@ async def serve(config: Config, path: str | None) -> int:
         host, port = run.proxy_address
         ahost, aport = run.admin_address
         log.info("bgproxy listening on http://%s:%d (admin http://%s:%d)", host, port, ahost, aport)
+        log.info("hot path: %s", _hotpath.describe())
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         if path is not None:

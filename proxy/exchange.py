@@ -35,7 +35,9 @@ if TYPE_CHECKING:
 IDLE, HEAD, UPSTREAM, STREAM, TUNNEL, CLOSED = range(6)
 
 
-class Exchange(asyncio.Protocol):
+class Exchange:
+    # A protocol by duck typing: the compiled build makes it a C type, which cannot
+    # inherit a Python class.
     # Slots: faster attribute access on the hot path and less memory per idle connection.
     __slots__ = (
         "_active", "_attempts", "_body_buf", "_body_bytes", "_chunked", "_connecting", "_extra",
@@ -85,6 +87,9 @@ class Exchange(asyncio.Protocol):
 
     def _next_request(self) -> None:
         """Ready for the next request on this connection (the listener's side)."""
+        raise NotImplementedError
+
+    def data_received(self, data: bytes) -> None:
         raise NotImplementedError
 
     def pause_writing(self) -> None:

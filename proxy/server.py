@@ -13,7 +13,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, cast
 
 from config import Config
 from proxy.drain import DrainController
@@ -98,7 +98,7 @@ class ProxyServer:
         if sock is None:
             listen = self.config.listen
             srv = await self.loop.create_server(
-                lambda: ClientConnection(self),
+                lambda: cast(asyncio.Protocol, ClientConnection(self)),
                 listen.host or None,
                 listen.port,
                 backlog=2048,
@@ -106,7 +106,7 @@ class ProxyServer:
             )
         else:
             srv = await self.loop.create_server(
-                lambda: ClientConnection(self), sock=sock, backlog=2048
+                lambda: cast(asyncio.Protocol, ClientConnection(self)), sock=sock, backlog=2048
             )
         self._servers.append(srv)
         self.spawn(self._sweeper(), name="sweeper")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -62,7 +62,10 @@ _CONN_VALUES: dict[bytes, set[bytes]] = {
 _RAW, _CHUNKED, _NONE = 0, 1, 2
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
+    # A protocol by duck typing: the compiled build makes it a C type, which cannot
+    # inherit a Python class.
+
     __slots__ = (
         "_body_until_eof",
         "_framing",
@@ -415,7 +418,9 @@ class ConnectionPool:
         conn = UpstreamConnection(self, upstream)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: conn, upstream.host, upstream.port)
+                await loop.create_connection(
+                    lambda: cast(asyncio.Protocol, conn), upstream.host, upstream.port
+                )
         except TimeoutError as exc:
             conn.abort()
             raise UpstreamTimeout("connect timed out") from exc

@@ -1,0 +1,57 @@
+# Static types for the compiled build of exchange.py (see setup.py).
+
+from proxy.upstream cimport UpstreamConnection
+
+
+cdef class Exchange:
+    cdef public bint _active
+    cdef public int _attempts
+    cdef public object _body_buf
+    cdef public Py_ssize_t _body_bytes
+    cdef public bint _chunked
+    cdef public object _connecting
+    cdef public bytes _extra
+    cdef public bytes _head
+    cdef public Py_ssize_t _head_bytes
+    cdef public list _headers
+    cdef public bytes _method
+    cdef public int _paused
+    cdef public object _queue
+    cdef public bint _req_done
+    cdef public bint _response_started
+    cdef public double _started
+    cdef public int _status
+    cdef public object _trailers
+    cdef public bint _tunnel
+    cdef public object _up_out
+    cdef public bint _upgrade
+    cdef public bytes _url
+    cdef public bint _websocket
+    cdef public bytes _xff_line
+    cdef public bint closing
+    cdef public object color
+    cdef public double deadline
+    cdef public bint http11
+    cdef public object parser
+    cdef public str peer
+    cdef public int phase
+    cdef public object server
+    cdef public object settings
+    cdef public object transport
+    cdef public UpstreamConnection up
+    cdef public object upstream
+    cdef public object ws
+
+    cdef _next_request(self)
+    cdef _pause(self, int flag)
+    cdef _resume(self, int flag)
+    cpdef write(self, bytes data)
+    cpdef close(self)
+    cdef _connect_and_send(self, upstream)
+    cdef _attach(self, UpstreamConnection conn)
+    cdef UpstreamConnection _detach(self)
+    cdef _fail(self, exc)
+    cpdef _reply(self, reply)
+    cdef _end_exchange(self, bint aborted)
+    cdef _flush_upstream(self, list out)
+    cdef _to_upstream(self, bytes data)
