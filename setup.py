@@ -23,24 +23,28 @@ COMPILED = sorted(p.with_suffix(".py") for p in (HERE / "proxy").glob("*.pxd"))
 class OptionalBuildExt(build_ext):
     """A failed compile leaves the pure-Python modules in charge instead of failing."""
 
+    failed = False
+
     def run(self) -> None:
+        if not self.extensions:
+            return
+        # What the modules were compiled from: proxy/_hotpath.py runs the sources instead
+        # when this is missing or no longer matches them, so never stale compiled code.
+        stamp = Path(self.get_ext_fullpath("proxy.upstream")).parent / "_compiled.sha256"
+        stamp.unlink(missing_ok=True)
         try:
             super().run()
         except Exception as exc:  # any build failure means: no speedups
-            print(
-                f"bgproxy: compiled hot path not built ({exc}); using pure Python", file=sys.stderr
-            )
-            return
-        if self.extensions:
-            # What the modules were compiled from: proxy/_hotpath.py runs the sources
-            # instead when they no longer match (an edited checkout), never stale code.
-            stamp = Path(self.get_ext_fullpath("proxy.upstream")).parent / "_compiled.sha256"
+            self.failed = True
+            print(f"bgproxy: hot path not compiled ({exc}); using pure Python", file=sys.stderr)
+        if not self.failed:
             stamp.write_text(sources_digest() + "\n")
 
     def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
         except Exception as exc:
+            self.failed = True
             print(f"bgproxy: {ext.name} not compiled ({exc}); using pure Python", file=sys.stderr)
 
 
@@ -59,16 +63,20 @@ def extensions() -> list:  # type: ignore[type-arg]
         from Cython.Build import cythonize
     except ImportError:
         return []
-    return cythonize(
-        [str(p.relative_to(HERE)) for p in COMPILED],
-        compiler_directives={
-            "language_level": 3,
-            "annotation_typing": False,  # the .pxd files carry the C types
-            "boundscheck": False,
-            "wraparound": True,
-        },
-        quiet=True,
-    )
+    try:
+        return cythonize(
+            [str(p.relative_to(HERE)) for p in COMPILED],
+            compiler_directives={
+                "language_level": 3,
+                "annotation_typing": False,  # the .pxd files carry the C types
+                "boundscheck": False,
+                "wraparound": True,
+            },
+            quiet=True,
+        )
+    except Exception as exc:  # a Cython error must not fail the install
+        print(f"bgproxy: hot path not compiled ({exc}); using pure Python", file=sys.stderr)
+        return []
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

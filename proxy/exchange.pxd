@@ -1,5 +1,6 @@
 # Static types for the compiled build of exchange.py (see setup.py).
 
+from proxy.server cimport ProxyServer
 from proxy.upstream cimport UpstreamConnection
 
 
@@ -35,7 +36,7 @@ cdef class Exchange:
     cdef public object parser
     cdef public str peer
     cdef public int phase
-    cdef public object server
+    cdef public ProxyServer server
     cdef public object settings
     cdef public object transport
     cdef public UpstreamConnection up
@@ -43,6 +44,17 @@ cdef class Exchange:
     cdef public object ws
 
     cdef _next_request(self)
+    # Called by the upstream connection as the response arrives.
+    cpdef response_head(self, UpstreamConnection conn, int status)
+    cpdef bytes response_extra(self)
+    cpdef upstream_activity(self)
+    cpdef response_complete(self, UpstreamConnection conn, bint reusable)
+    cpdef upstream_failed(self, UpstreamConnection conn, exc)
+    cpdef start_tunnel(self, UpstreamConnection conn)
+    cpdef tunnel_data(self, bytes data)
+    cpdef tunnel_closed(self)
+    cpdef pause_reading_for_upstream(self)
+    cpdef resume_reading_for_upstream(self)
     cdef _pause(self, int flag)
     cdef _resume(self, int flag)
     cpdef write(self, bytes data)

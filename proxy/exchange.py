@@ -31,8 +31,7 @@ if TYPE_CHECKING:
     from proxy.settings import Settings
     from proxy.upstream import UpstreamConnection
 
-# Phases, for the sweeper: what a passed deadline means.
-IDLE, HEAD, UPSTREAM, STREAM, TUNNEL, CLOSED = range(6)
+from proxy.phases import CLOSED, STREAM, TUNNEL, UPSTREAM
 
 
 class Exchange:

@@ -23,7 +23,7 @@ from proxy.errors import (
     UpstreamTimeout,
     error_response,
 )
-from proxy.exchange import CLOSED, HEAD, IDLE, STREAM, TUNNEL, UPSTREAM, Exchange
+from proxy.exchange import Exchange
 from proxy.headers import PROTECTED, connection_tokens, drop_cookie, get_cookie
 from proxy.http1 import (
     BODY_BUFFER_LIMIT,
@@ -46,6 +46,7 @@ from proxy.http1 import (
     origin_form,
     valid_ws_key,
 )
+from proxy.phases import CLOSED, HEAD, IDLE, STREAM, TUNNEL, UPSTREAM
 from proxy.router import NO_ATTRS, REJECT, RequestAttrs, route
 from proxy.state import Color
 from proxy.websocket import WebSocketRelay
@@ -365,8 +366,8 @@ class ClientConnection(Exchange):
         override_name = s.override_header
         for name, value in self._headers:
             low = name.lower()
-            kind = SPECIAL.get(low)
-            if kind is None:
+            kind = SPECIAL.get(low, -1)
+            if kind == -1:
                 if low == override_name:
                     override = value
                     continue

@@ -31,6 +31,9 @@ class Reason(enum.Enum):
     WEIGHTED = "weighted"
     ACTIVE = "active"
 
+    # Enum hashes by name in Python code; decisions are looked up by reason per request.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class RequestAttrs:

@@ -13,20 +13,23 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Coroutine
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from config import Config
 from proxy.drain import DrainController
 from proxy.errors import UpstreamError
-from proxy.exchange import IDLE, Exchange
 from proxy.health import record_result
 from proxy.http1 import assert_c_parser
-from proxy.listener import ClientConnection
+from proxy.phases import IDLE
 from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
 from proxy.settings import Settings, build_settings
 from proxy.state import COLORS, Color, StateStore
 from proxy.stats import Traffic
 from proxy.upstream import ConnectionPool
+
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange
+    from proxy.listener import ClientConnection
 
 log = logging.getLogger("bgproxy.server")
 
@@ -45,6 +48,7 @@ def _sweep_tick(config: Config) -> float:
 
 
 class ProxyServer:
+    # Compiled as a C type (server.pxd): the request path's counters are C calls.
     def __init__(self, config: Config, store: StateStore) -> None:
         assert_c_parser()
         self.loop = asyncio.get_running_loop()
@@ -95,6 +99,9 @@ class ProxyServer:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Start accepting, on ``sock`` if given (workers share one), else on ``listen``."""
+        # Imported here: the listener's compiled C type imports this module.
+        from proxy.listener import ClientConnection
+
         if sock is None:
             listen = self.config.listen
             srv = await self.loop.create_server(

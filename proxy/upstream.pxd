@@ -1,6 +1,21 @@
 # Static types for the compiled build of upstream.py (see setup.py); the .py stays the
 # source of truth and runs unchanged without a compiler.
 
+cimport cython
+
+from proxy.exchange cimport Exchange
+
+cdef dict _STATUS_LINES
+cdef frozenset _NO_BODY_STATUS
+cdef int _R_CL, _R_TE, _R_CONN, _R_HOP
+cdef dict _RESPONSE_SPECIAL
+cdef dict _CONN_VALUES
+cdef int _RAW, _CHUNKED, _NONE
+
+@cython.locals(line=bytes)
+cdef bytes _status_line(int status, bytes reason)
+
+
 cdef class UpstreamConnection:
     cdef public bint _body_until_eof
     cdef public int _framing
@@ -10,7 +25,7 @@ cdef class UpstreamConnection:
     cdef public list _out
     cdef public bytes _reason
     cdef public object _trailers
-    cdef public object client
+    cdef public Exchange client
     cdef public bint closed
     cdef public object connected
     cdef public bint done
@@ -27,6 +42,7 @@ cdef class UpstreamConnection:
     cdef public object upstream
 
     cdef _reset_exchange(self)
+    cpdef begin(self, Exchange client, bint is_head, bint upgrade)
     cpdef send(self, bytes data)
     cpdef close(self)
     cpdef abort(self)
@@ -35,7 +51,9 @@ cdef class UpstreamConnection:
     cdef _finish_head_response(self, bytes data)
     cdef _start_tunnel(self, bytes rest)
     cdef bytes _head(self, int status, bytes extra, bint close, bint te)
-    cdef bytes _final_head(self, int status, client)
+    @cython.locals(lines=list, has_cl=bint, has_te=bint, name=bytes, value=bytes, low=bytes,
+                   kind=int, te=bint)
+    cdef bytes _final_head(self, int status, Exchange client)
 
 
 cdef class ConnectionPool:

@@ -324,8 +324,8 @@ class UpstreamConnection:
         drop: set[bytes] | None = None
         for name, value in self._headers:
             low = name.lower()
-            kind = _RESPONSE_SPECIAL.get(low)
-            if kind is None:
+            kind = _RESPONSE_SPECIAL.get(low, -1)
+            if kind == -1:
                 lines.extend((name, b": ", value, b"\r\n"))
             elif kind == _R_CL:
                 has_cl = True
