@@ -362,7 +362,7 @@ class ClientConnection(Exchange):
         content_length: bytes | None = None
         lines: list[bytes] = [method, b" ", b"", b" HTTP/1.1\r\n"]  # [2]: the target, below
         forwarded: set[bytes] = set()
-        trusted = s.is_trusted(self.peer)
+        trusted = bool(s.trusted) and s.is_trusted(self.peer)  # no call without a list
         override_name = s.override_header
         for name, value in self._headers:
             low = name.lower()

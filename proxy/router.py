@@ -62,6 +62,8 @@ _DECISIONS = {
     for s in (False, True)
 }
 REJECT = Decision(None, Reason.INVALID_OVERRIDE)
+_ACTIVE = {c: _DECISIONS[c, Reason.ACTIVE, False] for c in Color}
+_OVERRIDE = {c: _DECISIONS[c, Reason.OVERRIDE, False] for c in Color}
 
 
 def route(attrs: RequestAttrs, state: RoutingState, roll: float) -> Decision:
@@ -69,7 +71,7 @@ def route(attrs: RequestAttrs, state: RoutingState, roll: float) -> Decision:
         color = Color.parse(attrs.override)
         if color is None:
             return REJECT
-        return _DECISIONS[color, Reason.OVERRIDE, False]
+        return _OVERRIDE[color]
     weights = state.weights
     if weights.split:
         if attrs.sticky is not None:
@@ -78,4 +80,4 @@ def route(attrs: RequestAttrs, state: RoutingState, roll: float) -> Decision:
                 return _DECISIONS[sticky, Reason.STICKY, False]
         pick = Color.BLUE if roll * (weights.blue + weights.green) < weights.blue else Color.GREEN
         return _DECISIONS[pick, Reason.WEIGHTED, True]
-    return _DECISIONS[state.active, Reason.ACTIVE, False]
+    return _ACTIVE[state.active]

@@ -1,5 +1,8 @@
 # Static types for the compiled build of server.py (see setup.py).
 
+cimport cython
+
+from proxy.stats cimport ColorTraffic
 from proxy.upstream cimport ConnectionPool
 
 
@@ -35,6 +38,7 @@ cdef class ProxyServer:
     cpdef begin_request(self, color)
     cpdef end_request(self, color)
     cpdef _now_idle(self, color)
+    @cython.locals(traffic=ColorTraffic)
     cpdef record_response(self, color, int status, double latency)
     cpdef note_bad_request(self, int status)
     cpdef note_upstream_error(self, color, str kind)

@@ -258,7 +258,8 @@ class ProxyServer:
     def record_response(self, color: Color | None, status: int, latency: float) -> None:
         if color is not None:
             self.responses[color, status] += 1
-            self._traffic[color].record(status, latency)
+            traffic = self._traffic[color]
+            traffic.record(status, latency)
 
     def note_bad_request(self, status: int) -> None:
         self._bad_requests[status] += 1

@@ -46,14 +46,15 @@ COLORS = (Color.BLUE, Color.GREEN)
 class Weights:
     blue: int
     green: int
+    # Both colors get traffic: the router must roll. A field, not a property: the router
+    # reads it per request.
+    split: bool = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "split", self.blue > 0 and self.green > 0)
 
     def of(self, color: Color) -> int:
         return self.blue if color is Color.BLUE else self.green
-
-    @property
-    def split(self) -> bool:
-        """Both colors get traffic: the router must roll."""
-        return self.blue > 0 and self.green > 0
 
     @classmethod
     def all_to(cls, color: Color) -> Weights:
