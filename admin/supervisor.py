@@ -324,7 +324,7 @@ class WorkerPool:
             return total - before
 
         for c, status, n in stats["responses"]:
-            server.responses[Color(c), int(status)] += delta(("r", c, str(status)), n)
+            server.add_responses(Color(c), int(status), delta(("r", c, str(status)), n))
         for c, kind, n in stats["upstream_errors"]:
             server.upstream_errors[Color(c), kind] += delta(("u", c, kind), n)
         for c, n in stats["reconnects"].items():

@@ -19,7 +19,7 @@ cdef class ProxyServer:
     cdef public bint stopping
     cdef public dict in_flight
     cdef public dict websockets
-    cdef public object responses
+    cdef public dict status_counts
     cdef public object upstream_errors
     cdef public object traffic
     cdef public dict _traffic
@@ -38,7 +38,7 @@ cdef class ProxyServer:
     cpdef begin_request(self, color)
     cpdef end_request(self, color)
     cpdef _now_idle(self, color)
-    @cython.locals(traffic=ColorTraffic)
+    @cython.locals(traffic=ColorTraffic, counts=dict)
     cpdef record_response(self, color, int status, double latency)
     cpdef note_bad_request(self, int status)
     cpdef note_upstream_error(self, color, str kind)

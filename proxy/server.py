@@ -64,7 +64,8 @@ class ProxyServer:
         self.in_flight: dict[Color, int] = dict.fromkeys(COLORS, 0)
         self.websockets: dict[Color, int] = dict.fromkeys(COLORS, 0)
         # Plain counters; the metrics layer reads them at scrape time.
-        self.responses: Counter[tuple[Color, int]] = Counter()
+        # Responses per color and status: a dict per color, no tuple key per request.
+        self.status_counts: dict[Color, dict[int, int]] = {c: {} for c in COLORS}
         self.upstream_errors: Counter[tuple[Color, str]] = Counter()
         # Per-color requests/errors/latency for rollback and /status (proxy/stats.py).
         self.traffic = Traffic(self.loop.time())
@@ -257,9 +258,21 @@ class ProxyServer:
 
     def record_response(self, color: Color | None, status: int, latency: float) -> None:
         if color is not None:
-            self.responses[color, status] += 1
+            counts = self.status_counts[color]
+            counts[status] = counts.get(status, 0) + 1
             traffic = self._traffic[color]
             traffic.record(status, latency)
+
+    @property
+    def responses(self) -> Counter[tuple[Color, int]]:
+        """Responses by (color, status), for metrics and the workers' reports."""
+        return Counter(
+            {(c, s): n for c, counts in self.status_counts.items() for s, n in counts.items()}
+        )
+
+    def add_responses(self, color: Color, status: int, n: int) -> None:
+        counts = self.status_counts[color]
+        counts[status] = counts.get(status, 0) + n
 
     def note_bad_request(self, status: int) -> None:
         self._bad_requests[status] += 1

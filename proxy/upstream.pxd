@@ -11,6 +11,14 @@ cdef int _R_CL, _R_TE, _R_CONN, _R_HOP
 cdef dict _RESPONSE_SPECIAL
 cdef dict _CONN_VALUES
 cdef int _RAW, _CHUNKED, _NONE
+cdef bint _FAST
+cdef bytes _TCHAR, _VCHAR
+cdef dict _SPECIAL_BY_LENGTH
+
+@cython.locals(k=Py_ssize_t)
+cdef bint _is_lower(bytes data, Py_ssize_t start, Py_ssize_t end, bytes lowered) except -1
+@cython.locals(candidates=tuple, name=bytes, kind=int)
+cdef int _special_kind(bytes data, Py_ssize_t start, Py_ssize_t end) except -2
 
 @cython.locals(line=bytes)
 cdef bytes _status_line(int status, bytes reason)
@@ -26,6 +34,8 @@ cdef class UpstreamConnection:
     cdef public bytes _reason
     cdef public object _trailers
     cdef public Exchange client
+    cdef public bint at_start
+    cdef public Py_ssize_t _remaining
     cdef public bint closed
     cdef public object connected
     cdef public bint done
@@ -47,6 +57,14 @@ cdef class UpstreamConnection:
     cpdef close(self)
     cpdef abort(self)
     cdef bint _reusable(self)
+    @cython.locals(i=Py_ssize_t, j=Py_ssize_t, c=int, status=int, line=Py_ssize_t,
+                   run=Py_ssize_t, length=Py_ssize_t, keep_alive=bint, name_end=Py_ssize_t,
+                   value=Py_ssize_t, value_end=Py_ssize_t, nxt=Py_ssize_t, kind=int,
+                   parts=list, body=Py_ssize_t)
+    cdef bint _fast_response(self, bytes data, Py_ssize_t end) except -1
+    @cython.locals(remaining=Py_ssize_t)
+    cdef _fast_body(self, bytes data)
+    cdef _fast_end(self)
     cdef _fail(self, exc)
     cdef _finish_head_response(self, bytes data)
     cdef _start_tunnel(self, bytes rest)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from proxy._hotpath import KIND
 from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import HOP_BY_HOP, connection_tokens
 from proxy.pools import Upstream
@@ -61,6 +62,42 @@ _CONN_VALUES: dict[bytes, set[bytes]] = {
 # Body framing towards the client.
 _RAW, _CHUNKED, _NONE = 0, 1, 2
 
+# The compiled build reads plain responses (see _fast_response) without llhttp's per-header
+# callbacks; interpreted, those callbacks are the cheaper way, so only llhttp runs there.
+_FAST = KIND == "compiled"
+# RFC 9110 §5.6.2 token characters, and what a field value or reason phrase may hold
+# (HTAB, SP, VCHAR, obs-text): one byte per character, 1 where allowed.
+_TCHAR = bytes(
+    1 if chr(c).isascii() and (chr(c).isalnum() or chr(c) in "!#$%&'*+-.^_`|~") else 0
+    for c in range(256)
+)
+_VCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
+# The response fields with special handling, by name length, for the fast path.
+_SPECIAL_BY_LENGTH: dict[int, tuple[tuple[bytes, int], ...]] = {}
+for _name, _kind in _RESPONSE_SPECIAL.items():
+    _SPECIAL_BY_LENGTH[len(_name)] = (*_SPECIAL_BY_LENGTH.get(len(_name), ()), (_name, _kind))
+del _name, _kind
+
+
+def _is_lower(data: bytes, start: int, end: int, lowered: bytes) -> bool:
+    """``data[start:end].lower() == lowered`` for a token, without slicing. ``| 32``
+    lowercases letters and keeps '-', the only other character in the names compared."""
+    if end - start != len(lowered):
+        return False
+    for k in range(end - start):
+        if (data[start + k] | 32) != lowered[k]:
+            return False
+    return True
+
+
+def _special_kind(data: bytes, start: int, end: int) -> int:
+    candidates = _SPECIAL_BY_LENGTH.get(end - start)
+    if candidates is not None:
+        for name, kind in candidates:
+            if _is_lower(data, start, end, name):
+                return kind
+    return -1
+
 
 class UpstreamConnection:
     # A protocol by duck typing: the compiled build makes it a C type, which cannot
@@ -74,7 +111,9 @@ class UpstreamConnection:
         "_keep_alive",
         "_out",
         "_reason",
+        "_remaining",
         "_trailers",
+        "at_start",
         "client",
         "closed",
         "connected",
@@ -103,6 +142,8 @@ class UpstreamConnection:
         self.reused = False
         self.idle_since = 0.0
         self.tunnel = False
+        self.at_start = True  # llhttp has seen nothing of the response in progress
+        self._remaining = -1  # body bytes still due on the fast path; -1: not on it
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -193,6 +234,14 @@ class UpstreamConnection:
             # Bytes nobody asked for: this connection can never be trusted again.
             self.abort()
             return
+        if self._remaining >= 0:
+            self._fast_body(data)
+            return
+        if self.at_start and _FAST and not self.is_head and not self.upgrade_requested:
+            end = data.find(b"\r\n\r\n")
+            if end > 0 and self._fast_response(data, end + 4):
+                return
+        self.at_start = False
         out = self._out
         try:
             self.parser.feed_data(data)
@@ -202,20 +251,152 @@ class UpstreamConnection:
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadResponseDone):
                 self._finish_head_response(data)
-            elif isinstance(exc.__context__, _ExtraBytes):
+            elif isinstance(exc.__context__, _ExtraBytes) or self.done:
                 self.request_done = False  # bytes after the response: never reuse
             else:
                 self._fail(UpstreamProtocolError("bad response"))
                 return
         except httptools.HttpParserError:
-            self._fail(UpstreamProtocolError("bad response"))
-            return
+            if not self.done:
+                self._fail(UpstreamProtocolError("bad response"))
+                return
+            # Garbage after a whole response: the response stands, the connection goes.
+            self.request_done = False
         client = self.client
         if out and client is not None:
             client.write(b"".join(out) if len(out) > 1 else out[0])
             out.clear()
         if self.done and client is not None:
             client.response_complete(self, reusable=self._reusable())
+        elif client is not None:
+            client.upstream_activity()
+
+    def _fast_response(self, data: bytes, end: int) -> bool:
+        """Read a plain response (``HTTP/1.1``, a status of 200-599 but 204/304, one
+        ``Content-Length``, no ``Transfer-Encoding``, ``Connection`` at most keep-alive or
+        close) whose whole head is in ``data[:end]``, and forward it: its header lines go
+        out as they came, less the hop-by-hop ones. Anything else returns False having
+        changed nothing, and llhttp reads the response as usual. Every head this accepts,
+        llhttp accepts the same way (tests/test_fast_response.py holds it to that).
+        """
+        # Status line: "HTTP/1.1 NNN reason\r\n".
+        if end < 17 or not data.startswith(b"HTTP/1.1 ") or data[12] != 32:
+            return False
+        i = 9
+        status = 0
+        while i < 12:
+            c = data[i]
+            if c < 48 or c > 57:
+                return False
+            status = status * 10 + (c - 48)
+            i += 1
+        if status < 200 or status == 204 or status == 304 or status > 599:
+            return False
+        i = 13
+        while data[i] != 13:
+            if not _VCHAR[data[i]]:
+                return False
+            i += 1
+        if data[i + 1] != 10:
+            return False
+        line = i + 2  # start of the first header line
+        parts = [data[:line]]
+        run = line  # start of the run of header lines forwarded as they came
+        length = -1
+        keep_alive = True
+        while line < end - 2:
+            # Name: a token, then ':' with no space before it.
+            i = line
+            while _TCHAR[data[i]]:
+                i += 1
+            if i == line or data[i] != 58:
+                return False
+            name_end = i
+            i += 1
+            while data[i] == 32 or data[i] == 9:
+                i += 1
+            value = i
+            while data[i] != 13:
+                if not _VCHAR[data[i]]:
+                    return False
+                i += 1
+            if data[i + 1] != 10:
+                return False
+            value_end = i
+            while value_end > value and (data[value_end - 1] == 32 or data[value_end - 1] == 9):
+                value_end -= 1
+            nxt = i + 2
+            kind = _special_kind(data, line, name_end)
+            if kind == _R_CL:
+                # Digits only, as llhttp wants them, and only once.
+                if length != -1 or value_end == value or value_end - value > 15 or value_end != i:
+                    return False
+                length = 0
+                for j in range(value, value_end):
+                    c = data[j]
+                    if c < 48 or c > 57:
+                        return False
+                    length = length * 10 + (c - 48)
+            elif kind == _R_TE:
+                return False
+            elif kind != -1:
+                # Connection and the other hop-by-hop fields: end the run before the line.
+                if kind == _R_CONN:
+                    if _is_lower(data, value, value_end, b"close"):
+                        keep_alive = False
+                    elif not _is_lower(data, value, value_end, b"keep-alive"):
+                        return False
+                if line > run:
+                    parts.append(data[run:line])
+                run = nxt
+            line = nxt
+        if length == -1:
+            return False  # close-delimited: llhttp's path handles the ending
+
+        client = self.client
+        assert client is not None
+        if end - 2 > run:
+            parts.append(data[run : end - 2])
+        client.response_head(self, status)
+        self._keep_alive = keep_alive
+        self.response_started = True
+        self._framing = _RAW
+        if client.closing:
+            parts.append(b"Connection: close\r\n")
+        elif not client.http11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(client.response_extra())
+        parts.append(b"\r\n")
+        body = len(data) - end
+        if body > length:
+            self.request_done = False  # bytes after the response: never reuse
+            body = length
+        if body:
+            parts.append(data[end : end + body])
+        self._remaining = length - body
+        client.write(b"".join(parts))
+        self._fast_end()
+        return True
+
+    def _fast_body(self, data: bytes) -> None:
+        remaining = self._remaining
+        client = self.client
+        assert client is not None
+        if len(data) > remaining:
+            self.request_done = False  # bytes after the response: never reuse
+            data = data[:remaining]
+        self._remaining = remaining - len(data)
+        if data:
+            client.write(data)
+        self._fast_end()
+
+    def _fast_end(self) -> None:
+        client = self.client
+        if self._remaining == 0:
+            self._remaining = -1
+            self.done = True
+            if client is not None:
+                client.response_complete(self, reusable=self._reusable())
         elif client is not None:
             client.upstream_activity()
 
@@ -436,6 +617,7 @@ class ConnectionPool:
         # Only what a finished exchange leaves set; the next one sets the rest as it goes.
         conn._trailers = None
         conn._body_until_eof = False
+        conn.at_start = True  # a reusable connection ended at a message boundary
         conn.response_started = False
         conn.done = False
         conn.idle_since = time.monotonic()
