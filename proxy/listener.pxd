@@ -7,11 +7,21 @@ from proxy.exchange cimport Exchange
 cdef int IDLE, HEAD, UPSTREAM, STREAM, TUNNEL, CLOSED
 cdef int H_CL, H_CONN, H_COOKIE, H_HOST, H_TE, H_TOKEN, H_UNTRUSTED, H_UPGRADE, H_WSKEY, H_XFF
 cdef dict SPECIAL
-cdef frozenset _PLAIN_CONNECTION
+cdef frozenset _PLAIN_CONNECTION, _NOTHING_FORWARDED
+cdef bint _FAST
+cdef bytes _URLCHAR, TCHAR, VCHAR
+cdef dict _SPECIAL_BY_LENGTH
+
+from proxy.http1 cimport field_kind, is_lower
 
 
 cdef class ClientConnection(Exchange):
     cdef _reset_request(self)
+    @cython.locals(start=Py_ssize_t, i=Py_ssize_t, url_end=Py_ssize_t, line=Py_ssize_t,
+                   name_end=Py_ssize_t, value=Py_ssize_t, kind=int, keep_alive=bint,
+                   max_headers=Py_ssize_t, count=Py_ssize_t, run=Py_ssize_t, lines=list,
+                   method=bytes, host=bytes, override_name=bytes)
+    cdef bint _fast_request(self, bytes data, Py_ssize_t end) except -1
     cdef _parse_failed(self, reply, list out)
     cdef _body(self, bytes body)
     cdef _request_complete(self)
@@ -21,5 +31,9 @@ cdef class ClientConnection(Exchange):
                    te=bytes, upgrade_value=bytes, xff=bytes, ws_key=bytes, content_length=bytes,
                    trusted=bint, is_upgrade=bint)
     cdef _dispatch(self, bytes method, str version, bint keep_alive, bint upgrade)
+    @cython.locals(is_upgrade=bint)
+    cdef _route_and_send(self, bytes method, list lines, bytes host, bytes override,
+                         bytes sticky, bytes token, bint upgrade, bytes upgrade_value,
+                         bytes ws_key, bytes te, bytes content_length, bytes xff, forwarded)
     cdef _after_upgrade_head(self, bytes rest)
     cdef _next_request(self)

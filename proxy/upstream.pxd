@@ -12,13 +12,10 @@ cdef dict _RESPONSE_SPECIAL
 cdef dict _CONN_VALUES
 cdef int _RAW, _CHUNKED, _NONE
 cdef bint _FAST
-cdef bytes _TCHAR, _VCHAR
+cdef bytes TCHAR, VCHAR
 cdef dict _SPECIAL_BY_LENGTH
 
-@cython.locals(k=Py_ssize_t)
-cdef bint _is_lower(bytes data, Py_ssize_t start, Py_ssize_t end, bytes lowered) except -1
-@cython.locals(candidates=tuple, name=bytes, kind=int)
-cdef int _special_kind(bytes data, Py_ssize_t start, Py_ssize_t end) except -2
+from proxy.http1 cimport field_kind, is_lower
 
 @cython.locals(line=bytes)
 cdef bytes _status_line(int status, bytes reason)

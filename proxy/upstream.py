@@ -20,6 +20,7 @@ import httptools
 from proxy._hotpath import KIND
 from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import HOP_BY_HOP, connection_tokens
+from proxy.http1 import TCHAR, VCHAR, by_length, field_kind, is_lower
 from proxy.pools import Upstream
 
 if TYPE_CHECKING:
@@ -65,38 +66,8 @@ _RAW, _CHUNKED, _NONE = 0, 1, 2
 # The compiled build reads plain responses (see _fast_response) without llhttp's per-header
 # callbacks; interpreted, those callbacks are the cheaper way, so only llhttp runs there.
 _FAST = KIND == "compiled"
-# RFC 9110 §5.6.2 token characters, and what a field value or reason phrase may hold
-# (HTAB, SP, VCHAR, obs-text): one byte per character, 1 where allowed.
-_TCHAR = bytes(
-    1 if chr(c).isascii() and (chr(c).isalnum() or chr(c) in "!#$%&'*+-.^_`|~") else 0
-    for c in range(256)
-)
-_VCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
 # The response fields with special handling, by name length, for the fast path.
-_SPECIAL_BY_LENGTH: dict[int, tuple[tuple[bytes, int], ...]] = {}
-for _name, _kind in _RESPONSE_SPECIAL.items():
-    _SPECIAL_BY_LENGTH[len(_name)] = (*_SPECIAL_BY_LENGTH.get(len(_name), ()), (_name, _kind))
-del _name, _kind
-
-
-def _is_lower(data: bytes, start: int, end: int, lowered: bytes) -> bool:
-    """``data[start:end].lower() == lowered`` for a token, without slicing. ``| 32``
-    lowercases letters and keeps '-', the only other character in the names compared."""
-    if end - start != len(lowered):
-        return False
-    for k in range(end - start):
-        if (data[start + k] | 32) != lowered[k]:
-            return False
-    return True
-
-
-def _special_kind(data: bytes, start: int, end: int) -> int:
-    candidates = _SPECIAL_BY_LENGTH.get(end - start)
-    if candidates is not None:
-        for name, kind in candidates:
-            if _is_lower(data, start, end, name):
-                return kind
-    return -1
+_SPECIAL_BY_LENGTH = by_length(_RESPONSE_SPECIAL)
 
 
 class UpstreamConnection:
@@ -294,7 +265,7 @@ class UpstreamConnection:
             return False
         i = 13
         while data[i] != 13:
-            if not _VCHAR[data[i]]:
+            if not VCHAR[data[i]]:
                 return False
             i += 1
         if data[i + 1] != 10:
@@ -307,7 +278,7 @@ class UpstreamConnection:
         while line < end - 2:
             # Name: a token, then ':' with no space before it.
             i = line
-            while _TCHAR[data[i]]:
+            while TCHAR[data[i]]:
                 i += 1
             if i == line or data[i] != 58:
                 return False
@@ -317,7 +288,7 @@ class UpstreamConnection:
                 i += 1
             value = i
             while data[i] != 13:
-                if not _VCHAR[data[i]]:
+                if not VCHAR[data[i]]:
                     return False
                 i += 1
             if data[i + 1] != 10:
@@ -326,7 +297,7 @@ class UpstreamConnection:
             while value_end > value and (data[value_end - 1] == 32 or data[value_end - 1] == 9):
                 value_end -= 1
             nxt = i + 2
-            kind = _special_kind(data, line, name_end)
+            kind = field_kind(data, line, name_end, _SPECIAL_BY_LENGTH)
             if kind == _R_CL:
                 # Digits only, as llhttp wants them, and only once.
                 if length != -1 or value_end == value or value_end - value > 15 or value_end != i:
@@ -342,9 +313,9 @@ class UpstreamConnection:
             elif kind != -1:
                 # Connection and the other hop-by-hop fields: end the run before the line.
                 if kind == _R_CONN:
-                    if _is_lower(data, value, value_end, b"close"):
+                    if is_lower(data, value, value_end, b"close"):
                         keep_alive = False
-                    elif not _is_lower(data, value, value_end, b"keep-alive"):
+                    elif not is_lower(data, value, value_end, b"keep-alive"):
                         return False
                 if line > run:
                     parts.append(data[run:line])

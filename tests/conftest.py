@@ -443,9 +443,10 @@ def free_port() -> int:
 class ProxyProcess:
     """``python -m proxy -c FILE [args]`` as users run it, ready once /readyz answers 200."""
 
-    def __init__(self, path: Path, *args: str) -> None:
+    def __init__(self, path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.path = path
         self.args = args
+        self.env = env or {}
         data = yaml.safe_load(path.read_text())
         self.url = f"http://{data['listen']}"
         self.admin_url = f"http://{data['admin']['listen']}"
@@ -453,6 +454,7 @@ class ProxyProcess:
 
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k != "BGPROXY_ADMIN_TOKEN"}
+        env.update(self.env)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "-c", str(self.path), *self.args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
