@@ -2,6 +2,7 @@
 
 from proxy.server cimport ProxyServer
 from proxy.upstream cimport UpstreamConnection
+from proxy.websocket cimport WebSocketRelay
 
 
 cdef class Exchange:
@@ -41,7 +42,7 @@ cdef class Exchange:
     cdef public object transport
     cdef public UpstreamConnection up
     cdef public object upstream
-    cdef public object ws
+    cdef public WebSocketRelay ws
 
     cdef _next_request(self)
     # Called by the upstream connection as the response arrives.

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""User-space instructions per proxied request, counted by callgrind.
+
+Throughput on a shared 2-CPU machine moves 10-30 % from run to run; an instruction
+count does not: callgrind counts what bgproxy's process executes (Python, the compiled
+modules, uvloop, llhttp, libc), the same for the same code and inputs whatever else the
+machine does. That makes it the number to compare two versions of the hot path by.
+
+It starts an nginx upstream, then bgproxy under ``valgrind --tool=callgrind`` twice: once
+stopped right after it answers ``/readyz`` (start-up and shutdown alone) and once after
+``--requests`` small keep-alive GETs over ``--connections`` connections. The difference
+divided by the requests is the cost per request. ``--build python`` measures the
+pure-Python fallback (``BGPROXY_PURE_PYTHON=1``).
+
+    python benchmarks/bench_icount.py                    # both builds, 10,000 requests
+    python benchmarks/bench_icount.py --build compiled --requests 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import (
+    REPO_ROOT,
+    BenchError,
+    Servers,
+    ensure_tools,
+    env_info,
+    free_port,
+    http_json,
+    log,
+    make_upstream,
+    print_rows,
+    wait_ready,
+    which,
+    write_json,
+)
+
+REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+
+
+async def load(port: int, requests: int, connections: int) -> None:
+    async def one(n: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(n):
+            writer.write(REQUEST)
+            head = await reader.readuntil(b"\r\n\r\n")
+            i = head.lower().index(b"content-length:")
+            await reader.readexactly(int(head[i + 15 : head.index(b"\r\n", i)]))
+        writer.close()
+
+    await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
+
+
+def count(base: Path, up_port: int, build: str, requests: int, connections: int) -> int:
+    """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown."""
+    port, admin_port = free_port(), free_port()
+    conf = base / f"bgproxy-{build}-{requests}.yaml"
+    target = f"http://127.0.0.1:{up_port}"
+    conf.write_text(
+        f'listen: "127.0.0.1:{port}"\nadmin: {{ listen: "127.0.0.1:{admin_port}" }}\n'
+        f'upstreams:\n  blue: {{ targets: ["{target}"] }}\n  green: {{ targets: ["{target}"] }}\n'
+    )
+    out = base / f"callgrind-{build}-{requests}.out"
+    env = {k: v for k, v in os.environ.items() if k not in ("BGPROXY_PURE_PYTHON",)}
+    env["BGPROXY_LOG_LEVEL"] = "WARNING"
+    if build == "python":
+        env["BGPROXY_PURE_PYTHON"] = "1"
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    cmd += [sys.executable, "-m", "proxy", "-c", str(conf)]
+    with open(base / f"valgrind-{build}-{requests}.log", "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 120  # start-up is ~50x slower under callgrind
+        while time.monotonic() < deadline:
+            try:
+                status, body = http_json(admin_port, "GET", "/status", timeout=2)
+                if status == 200:
+                    break
+            except (OSError, http.client.HTTPException):
+                pass
+            if proc.poll() is not None:
+                raise BenchError(f"bgproxy under callgrind exited; see {log_file.name}")
+            time.sleep(0.3)
+        else:
+            raise BenchError("bgproxy under callgrind did not start in 120 s")
+        if body["hot_path"] != build:
+            raise BenchError(f"bgproxy ran the {body['hot_path']} build, not {build}")
+        if requests:
+            asyncio.run(load(port, requests, connections))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise BenchError(f"no instruction total in {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=10_000)
+    p.add_argument("--connections", type=int, default=10)
+    p.add_argument("--build", choices=("both", "compiled", "python"), default="both")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    ensure_tools(["nginx"])
+    if which("valgrind") is None:
+        subprocess.run(["apt-get", "install", "-y", "valgrind"], check=True)
+    builds = ["compiled", "python"] if args.build == "both" else [args.build]
+    servers = Servers()
+    rows = []
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_icount_") as tmp:
+        base = Path(tmp)
+        try:
+            nginx = which("nginx")
+            assert nginx is not None
+            upstream = servers.add(make_upstream(base, nginx))
+            upstream.start()
+            wait_ready(upstream, 20)
+            for build in builds:
+                log(f"{build}: start-up alone, then {args.requests:,} requests (slow: callgrind)")
+                idle = count(base, upstream.port, build, 0, args.connections)
+                busy = count(base, upstream.port, build, args.requests, args.connections)
+                per = (busy - idle) / args.requests
+                results[build] = {"startup": idle, "total": busy, "per_request": per}
+                rows.append([build, f"{args.requests:,}", f"{idle:,}", f"{busy:,}", f"{per:,.0f}"])
+        finally:
+            servers.stop_all()
+    print()
+    print(f"small keep-alive GETs over {args.connections} connections, nginx upstream")
+    print_rows(["build", "requests", "instr start+stop", "instr total", "instr/request"], rows)
+    if len(results) == 2:
+        ratio = results["compiled"]["per_request"] / results["python"]["per_request"]
+        print(f"\ncompiled/python instructions per request: {ratio:.2f}")
+    if args.json:
+        write_json(args.json, {"env": env_info(), "args": vars(args) | {"json": None}, **results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
