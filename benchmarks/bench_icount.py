@@ -23,6 +23,7 @@ import asyncio
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,18 @@ async def load(port: int, requests: int, connections: int) -> None:
     await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
 
 
+def wait_listening(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"nothing listens on {port}") from None
+            time.sleep(0.3)
+
+
 def count(base: Path, up_port: int, build: str, requests: int, connections: int) -> int:
     """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown."""
     port, admin_port = free_port(), free_port()
@@ -96,6 +109,7 @@ def count(base: Path, up_port: int, build: str, requests: int, connections: int)
         if body["hot_path"] != build:
             raise BenchError(f"bgproxy ran the {body['hot_path']} build, not {build}")
         if requests:
+            wait_listening(port)
             asyncio.run(load(port, requests, connections))
     finally:
         proc.send_signal(signal.SIGINT)
@@ -135,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 per = (busy - idle) / args.requests
                 results[build] = {"startup": idle, "total": busy, "per_request": per}
                 rows.append([build, f"{args.requests:,}", f"{idle:,}", f"{busy:,}", f"{per:,.0f}"])
+                log(f"{build}: {per:,.0f} instructions per request")
         finally:
             servers.stop_all()
     print()
