@@ -46,6 +46,7 @@ from admin.runner import (
     reload_config,
     run_loop,
     running,
+    settle_heap,
 )
 from config import Config, ConfigError, load_config
 from proxy.redis_store import decode_event, encode_event
@@ -256,6 +257,7 @@ async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) ->
         stop = asyncio.Event()
         async with running(config, store=store, sock=sock, admin=False) as run:
             store.start(run.server)
+            settle_heap()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
