@@ -264,7 +264,9 @@ class ClientConnection(Exchange):
         if data[i] != 32 or not data.startswith(b"HTTP/1.1\r\n", i + 1):
             return False
         line = i + 11
-        s = self.settings
+        server = self.server
+        # The settings this request runs under, read once: a reload applies from here on.
+        s = self.settings = server.settings
         override_name = s.override_header
         max_headers = s.max_headers
         lines = [method, b" ", data[start:url_end], b" HTTP/1.1\r\n"]
@@ -315,8 +317,6 @@ class ClientConnection(Exchange):
         if end - 2 > run:
             lines.append(data[run : end - 2])
 
-        server = self.server
-        self.settings = server.settings
         self._url = lines[2]
         self._head_bytes = end
         self.http11 = True
