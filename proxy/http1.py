@@ -49,6 +49,25 @@ TCHAR = bytes(
 VCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
 
 
+def token_end(data: bytes, i: int) -> int:
+    """Where the token starting at ``data[i]`` ends (``i`` itself if there is none).
+    ``data`` must hold the head's closing CRLF after ``i``: the scans stop on it."""
+    while TCHAR[data[i]]:
+        i += 1
+    return i
+
+
+def line_end(data: bytes, i: int) -> int:
+    """The CR of the CRLF ending the field value (or reason phrase) at ``data[i]``, or -1
+    if a byte before it may not be in one or the CR is not followed by LF. ``data`` must
+    hold the head's closing CRLF after ``i``."""
+    while data[i] != 13:
+        if not VCHAR[data[i]]:
+            return -1
+        i += 1
+    return i if data[i + 1] == 10 else -1
+
+
 def by_length(kinds: dict[bytes, int]) -> dict[int, tuple[tuple[bytes, int], ...]]:
     """``kinds`` (lowercased field name -> kind) grouped by name length, for field_kind."""
     out: dict[int, tuple[tuple[bytes, int], ...]] = {}

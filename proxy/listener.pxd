@@ -9,10 +9,10 @@ cdef int H_CL, H_CONN, H_COOKIE, H_HOST, H_TE, H_TOKEN, H_UNTRUSTED, H_UPGRADE, 
 cdef dict SPECIAL
 cdef frozenset _PLAIN_CONNECTION, _NOTHING_FORWARDED
 cdef bint _FAST
-cdef bytes _URLCHAR, TCHAR, VCHAR
+cdef bytes _URLCHAR
 cdef dict _SPECIAL_BY_LENGTH
 
-from proxy.http1 cimport field_kind, is_lower
+from proxy.http1 cimport field_kind, is_lower, line_end, token_end
 
 
 cdef class ClientConnection(Exchange):

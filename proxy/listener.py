@@ -40,16 +40,16 @@ from proxy.http1 import (
     H_XFF,
     NO_TRAILER,
     SPECIAL,
-    TCHAR,
-    VCHAR,
     Pending,
     Reject,
     by_length,
     field_kind,
     is_http09,
     is_lower,
+    line_end,
     method_shaped,
     origin_form,
+    token_end,
     valid_ws_key,
 )
 from proxy.phases import CLOSED, HEAD, IDLE, STREAM, TUNNEL, UPSTREAM
@@ -275,23 +275,16 @@ class ClientConnection(Exchange):
         keep_alive = True
         count = 0
         while line < end - 2:
-            i = line
-            while TCHAR[data[i]]:
-                i += 1
             # A token, ": " and a value that does not start with white space: the form
             # the llhttp path writes a field in, so the bytes forwarded are the same.
-            if i == line or data[i] != 58 or data[i + 1] != 32:
+            name_end = token_end(data, line)
+            if name_end == line or data[name_end] != 58 or data[name_end + 1] != 32:
                 return False
-            name_end = i
-            i += 2
-            value = i
-            if data[i] == 32 or data[i] == 9:
+            value = name_end + 2
+            if data[value] == 32 or data[value] == 9:
                 return False
-            while data[i] != 13:
-                if not VCHAR[data[i]]:
-                    return False
-                i += 1
-            if data[i + 1] != 10:
+            i = line_end(data, value)
+            if i < 0:
                 return False
             count += 1
             if count > max_headers or is_lower(data, line, name_end, override_name):

@@ -12,10 +12,9 @@ cdef dict _RESPONSE_SPECIAL
 cdef dict _CONN_VALUES
 cdef int _RAW, _CHUNKED, _NONE
 cdef bint _FAST
-cdef bytes TCHAR, VCHAR
 cdef dict _SPECIAL_BY_LENGTH
 
-from proxy.http1 cimport field_kind, is_lower
+from proxy.http1 cimport field_kind, is_lower, line_end, token_end
 
 @cython.locals(line=bytes)
 cdef bytes _status_line(int status, bytes reason)

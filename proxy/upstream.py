@@ -20,7 +20,7 @@ import httptools
 from proxy._hotpath import KIND
 from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import HOP_BY_HOP, connection_tokens
-from proxy.http1 import TCHAR, VCHAR, by_length, field_kind, is_lower
+from proxy.http1 import by_length, field_kind, is_lower, line_end, token_end
 from proxy.pools import Upstream
 
 if TYPE_CHECKING:
@@ -263,12 +263,8 @@ class UpstreamConnection:
             i += 1
         if status < 200 or status == 204 or status == 304 or status > 599:
             return False
-        i = 13
-        while data[i] != 13:
-            if not VCHAR[data[i]]:
-                return False
-            i += 1
-        if data[i + 1] != 10:
+        i = line_end(data, 13)
+        if i < 0:
             return False
         line = i + 2  # start of the first header line
         parts = [data[:line]]
@@ -277,21 +273,14 @@ class UpstreamConnection:
         keep_alive = True
         while line < end - 2:
             # Name: a token, then ':' with no space before it.
-            i = line
-            while TCHAR[data[i]]:
-                i += 1
-            if i == line or data[i] != 58:
+            name_end = token_end(data, line)
+            if name_end == line or data[name_end] != 58:
                 return False
-            name_end = i
-            i += 1
-            while data[i] == 32 or data[i] == 9:
-                i += 1
-            value = i
-            while data[i] != 13:
-                if not VCHAR[data[i]]:
-                    return False
-                i += 1
-            if data[i + 1] != 10:
+            value = name_end + 1
+            while data[value] == 32 or data[value] == 9:
+                value += 1
+            i = line_end(data, value)
+            if i < 0:
                 return False
             value_end = i
             while value_end > value and (data[value_end - 1] == 32 or data[value_end - 1] == 9):
