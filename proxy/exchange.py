@@ -48,7 +48,7 @@ class Exchange:
 
     server: ProxyServer
     settings: Settings
-    parser: httptools.HttpRequestParser
+    parser: httptools.HttpRequestParser | None
     transport: asyncio.Transport | None
     peer: str
     phase: int

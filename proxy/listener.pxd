@@ -11,6 +11,7 @@ cdef frozenset _PLAIN_CONNECTION, _NOTHING_FORWARDED
 cdef bint _FAST
 cdef bytes _URLCHAR
 cdef dict _SPECIAL_BY_LENGTH
+cdef bytes _SPECIAL_HINTS
 
 from proxy.http1 cimport field_kind, is_lower, line_end, token_end
 

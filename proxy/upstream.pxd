@@ -13,6 +13,7 @@ cdef dict _CONN_VALUES
 cdef int _RAW, _CHUNKED, _NONE
 cdef bint _FAST
 cdef dict _SPECIAL_BY_LENGTH
+cdef bytes _SPECIAL_HINTS
 
 from proxy.http1 cimport field_kind, is_lower, line_end, token_end
 

@@ -20,7 +20,7 @@ import httptools
 from proxy._hotpath import KIND
 from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import HOP_BY_HOP, connection_tokens
-from proxy.http1 import by_length, field_kind, is_lower, line_end, token_end
+from proxy.http1 import by_length, field_kind, is_lower, kind_hints, line_end, token_end
 from proxy.pools import Upstream
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ _RAW, _CHUNKED, _NONE = 0, 1, 2
 _FAST = KIND == "compiled"
 # The response fields with special handling, by name length, for the fast path.
 _SPECIAL_BY_LENGTH = by_length(_RESPONSE_SPECIAL)
+_SPECIAL_HINTS = kind_hints(_RESPONSE_SPECIAL)
 
 
 class UpstreamConnection:
@@ -286,7 +287,7 @@ class UpstreamConnection:
             while value_end > value and (data[value_end - 1] == 32 or data[value_end - 1] == 9):
                 value_end -= 1
             nxt = i + 2
-            kind = field_kind(data, line, name_end, _SPECIAL_BY_LENGTH)
+            kind = field_kind(data, line, name_end, _SPECIAL_BY_LENGTH, _SPECIAL_HINTS)
             if kind == _R_CL:
                 # Digits only, as llhttp wants them, and only once.
                 if length != -1 or value_end == value or value_end - value > 15 or value_end != i:
