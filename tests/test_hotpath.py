@@ -91,3 +91,48 @@ async def test_status_reports_the_hot_path(proxy: Proxy) -> None:
     assert body["hot_path"] == _hotpath.KIND
     if os.environ.get("BGPROXY_PURE_PYTHON"):
         assert body["hot_path"] == "python"
+
+
+def test_uvloop_transport_map_keeps_nothing_and_serving_still_works() -> None:
+    """server._untrack_transports: connections are served and closed as before, and uvloop's
+    per-transport map (pure overhead for the proxy) holds none of them."""
+    import asyncio
+    import gc
+    import weakref
+
+    import uvloop
+
+    from proxy.server import _untrack_transports
+
+    async def main() -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        _untrack_transports(loop)
+
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(await r.readline())
+            await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        maps = [o for o in gc.get_referents(loop) if isinstance(o, weakref.WeakValueDictionary)]
+        replies = b""
+        tracked = 0
+        for i in range(5):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"%d\n" % i)
+            replies += await r.read()
+            tracked += sum(len(m) for m in maps)  # both ends of this connection are alive
+            w.close()
+        srv.close()
+        return replies, tracked
+
+    replies, tracked = uvloop.run(main())
+    assert replies == b"0\n1\n2\n3\n4\n"
+    assert tracked == 0
+    # Any other loop is left alone.
+    plain = asyncio.SelectorEventLoop()
+    try:
+        _untrack_transports(plain)
+    finally:
+        plain.close()
