@@ -67,7 +67,7 @@ def _untrack_transports(loop: asyncio.AbstractEventLoop) -> None:
     if not type(loop).__module__.startswith("uvloop"):
         return
     maps = [o for o in gc.get_referents(loop) if type(o) is weakref.WeakValueDictionary]
-    if len(maps) == 1 and not maps[0]:
+    if len(maps) == 1:  # what it holds already stays, weakly, as before
         maps[0].__class__ = _NoTransportMap
 
 

@@ -136,3 +136,18 @@ def test_uvloop_transport_map_keeps_nothing_and_serving_still_works() -> None:
         _untrack_transports(plain)
     finally:
         plain.close()
+
+
+def test_latency_buckets_match_bisect() -> None:
+    """ColorTraffic.record's own bucket search (C in the compiled build) is bisect_left."""
+    from bisect import bisect_left
+
+    from proxy.stats import LATENCY_BUCKETS, ColorTraffic
+
+    values = [0.0, 1e-9, 200.0, 1e12]
+    for b in LATENCY_BUCKETS:
+        values += [b, b * (1 - 1e-12), b * (1 + 1e-12)]
+    for v in values:
+        t = ColorTraffic()
+        t.record(200, v)
+        assert t.counts.index(1) == bisect_left(LATENCY_BUCKETS, v), v
