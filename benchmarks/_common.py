@@ -484,7 +484,14 @@ def start_or_skip(
         log(f"SKIPPING {srv.name}: {exc}")
         srv.stop()
         return False
-    log(f"{srv.name} ready on :{srv.port} (pid {srv.pid}{', CPU ' + cpu if cpu else ''})")
+    build = ""
+    if srv.admin_port is not None:
+        # An edited checkout runs the pure-Python build until reinstalled: say which ran.
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            status, body = http_json(srv.admin_port, "GET", "/status", timeout=5.0)
+            if status == 200 and isinstance(body, dict):
+                build = f", hot path {body.get('hot_path')}"
+    log(f"{srv.name} ready on :{srv.port} (pid {srv.pid}{', CPU ' + cpu if cpu else ''}{build})")
     return True
 
 
