@@ -23,6 +23,8 @@ cdef extern from *:
 
 cdef bytes TCHAR, VCHAR
 
+@cython.locals(n=Py_ssize_t, e=Py_ssize_t, c=int)
+cpdef Py_ssize_t head_end(bytes data) except -2
 cpdef Py_ssize_t token_end(bytes data, Py_ssize_t i) except -2
 cpdef Py_ssize_t line_end(bytes data, Py_ssize_t i) except -2
 

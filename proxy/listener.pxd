@@ -13,7 +13,7 @@ cdef bytes _URLCHAR
 cdef dict _SPECIAL_BY_LENGTH
 cdef bytes _SPECIAL_HINTS
 
-from proxy.http1 cimport field_kind, is_lower, line_end, token_end
+from proxy.http1 cimport field_kind, head_end, is_lower, line_end, token_end
 
 
 cdef class ClientConnection(Exchange):

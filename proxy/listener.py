@@ -44,6 +44,7 @@ from proxy.http1 import (
     Reject,
     by_length,
     field_kind,
+    head_end,
     is_http09,
     is_lower,
     kind_hints,
@@ -199,7 +200,7 @@ class ClientConnection(Exchange):
         if phase == CLOSED:
             return
         if phase == IDLE and _FAST and not self._head_bytes and self._queue is None:
-            end = data.find(b"\r\n\r\n")
+            end = head_end(data)
             if 0 < end <= self.settings.max_header_bytes - 4 and self._fast_request(data, end + 4):
                 if len(data) > end + 4 and self.phase != CLOSED:
                     self.data_received(data[end + 4 :])  # pipelined: the usual way

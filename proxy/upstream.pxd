@@ -15,7 +15,7 @@ cdef bint _FAST
 cdef dict _SPECIAL_BY_LENGTH
 cdef bytes _SPECIAL_HINTS
 
-from proxy.http1 cimport field_kind, is_lower, line_end, token_end
+from proxy.http1 cimport field_kind, head_end, is_lower, line_end, token_end
 
 @cython.locals(line=bytes)
 cdef bytes _status_line(int status, bytes reason)
@@ -78,6 +78,8 @@ cdef class ConnectionPool:
     cdef public dict _idle
     cdef public set _all
 
+    @cython.locals(stack=list)
     cpdef UpstreamConnection take_idle(self, upstream)
+    @cython.locals(stack=list)
     cpdef release(self, UpstreamConnection conn)
     cpdef forget(self, UpstreamConnection conn)

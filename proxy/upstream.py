@@ -20,7 +20,15 @@ import httptools
 from proxy._hotpath import KIND
 from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import HOP_BY_HOP, connection_tokens
-from proxy.http1 import by_length, field_kind, is_lower, kind_hints, line_end, token_end
+from proxy.http1 import (
+    by_length,
+    field_kind,
+    head_end,
+    is_lower,
+    kind_hints,
+    line_end,
+    token_end,
+)
 from proxy.pools import Upstream
 
 if TYPE_CHECKING:
@@ -210,7 +218,7 @@ class UpstreamConnection:
             self._fast_body(data)
             return
         if self.at_start and _FAST and not self.is_head and not self.upgrade_requested:
-            end = data.find(b"\r\n\r\n")
+            end = head_end(data)
             if end > 0 and self._fast_response(data, end + 4):
                 return
         self.at_start = False
@@ -582,7 +590,10 @@ class ConnectionPool:
         conn.response_started = False
         conn.done = False
         conn.idle_since = time.monotonic()
-        stack = self._idle.setdefault(conn.upstream.url, [])
+        url = conn.upstream.url
+        stack = self._idle.get(url)
+        if stack is None:  # not setdefault: that builds a list on every release
+            stack = self._idle[url] = []
         if len(stack) >= self.max_idle:
             conn.close()
             return

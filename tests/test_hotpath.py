@@ -151,3 +151,17 @@ def test_latency_buckets_match_bisect() -> None:
         t = ColorTraffic()
         t.record(200, v)
         assert t.counts.index(1) == bisect_left(LATENCY_BUCKETS, v), v
+
+
+def test_head_end_is_bytes_find() -> None:
+    """http1.head_end (a C loop in the compiled build) finds what bytes.find finds."""
+    import random
+
+    from proxy.http1 import head_end
+
+    rng = random.Random(8)
+    cases = [b"", b"\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody", b"\n\r\n\r\n"]
+    for _ in range(50_000):
+        cases.append(bytes(rng.choice(b"\r\n\r\nab") for _ in range(rng.randint(0, 16))))
+    for data in cases:
+        assert head_end(data) == data.find(b"\r\n\r\n"), data
