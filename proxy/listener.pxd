@@ -14,6 +14,8 @@ cdef dict _SPECIAL_BY_LENGTH
 cdef bytes _SPECIAL_HINTS
 
 from proxy.http1 cimport field_kind, head_end, is_lower, line_end, token_end
+from proxy.pools cimport Pool
+from proxy.router cimport route
 
 
 cdef class ClientConnection(Exchange):
@@ -32,7 +34,7 @@ cdef class ClientConnection(Exchange):
                    te=bytes, upgrade_value=bytes, xff=bytes, ws_key=bytes, content_length=bytes,
                    trusted=bint, is_upgrade=bint)
     cdef _dispatch(self, bytes method, str version, bint keep_alive, bint upgrade)
-    @cython.locals(is_upgrade=bint)
+    @cython.locals(is_upgrade=bint, pool=Pool)
     cdef _route_and_send(self, bytes method, list lines, bytes host, bytes override,
                          bytes sticky, bytes token, bint upgrade, bytes upgrade_value,
                          bytes ws_key, bytes te, bytes content_length, bytes xff, forwarded)

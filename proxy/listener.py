@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import random
+from random import random as roll_dice
 from typing import TYPE_CHECKING
 
 import httptools
@@ -607,7 +607,7 @@ class ClientConnection(Exchange):
                 sticky.decode("latin-1") if sticky is not None else None,
             )
         state = server.store.snapshot()
-        decision = route(attrs, state, random.random())
+        decision = route(attrs, state, roll_dice())
         if decision is REJECT:
             raise Reject(Reply.BAD_OVERRIDE)
         color = decision.color
@@ -632,7 +632,8 @@ class ClientConnection(Exchange):
         self._websocket = (
             is_upgrade and upgrade_value is not None and (upgrade_value.lower() == b"websocket")
         )
-        upstream = server.pools[color].pick()
+        pool = server.pools[color]
+        upstream = pool.pick()
         if host is None and upstream is not None:
             lines += (b"Host: ", upstream.host_header, b"\r\n")  # HTTP/1.0 without Host
         if xff:
