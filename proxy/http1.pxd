@@ -30,5 +30,6 @@ cpdef Py_ssize_t line_end(bytes data, Py_ssize_t i) except -2
 
 @cython.locals(k=Py_ssize_t)
 cpdef bint is_lower(bytes data, Py_ssize_t start, Py_ssize_t end, bytes lowered) except -1
+cpdef int connection_close(bytes data, Py_ssize_t start, Py_ssize_t end) except -2
 @cython.locals(candidates=tuple, name=bytes, kind=int, n=Py_ssize_t)
 cpdef int field_kind(bytes data, Py_ssize_t start, Py_ssize_t end, dict table, bytes hints) except -2

@@ -106,6 +106,16 @@ def is_lower(data: bytes, start: int, end: int, lowered: bytes) -> bool:
     return True
 
 
+def connection_close(data: bytes, start: int, end: int) -> int:
+    """A plain ``Connection`` value for the fast readers: 1 for ``close``, 0 for
+    ``keep-alive`` (any case), -1 for anything else, which llhttp's path handles."""
+    if is_lower(data, start, end, b"close"):
+        return 1
+    if is_lower(data, start, end, b"keep-alive"):
+        return 0
+    return -1
+
+
 def kind_hints(kinds: dict[bytes, int]) -> bytes:
     """A 2 KiB filter for field_kind: 1 at ``len(name) * 32 + (name[0] & 31)`` of every
     name in ``kinds``. Most fields (Accept, User-Agent, Date, Server...) miss it, so they

@@ -13,14 +13,14 @@ cdef bytes _URLCHAR
 cdef dict _SPECIAL_BY_LENGTH
 cdef bytes _SPECIAL_HINTS
 
-from proxy.http1 cimport field_kind, head_end, is_lower, line_end, token_end
+from proxy.http1 cimport connection_close, field_kind, head_end, is_lower, line_end, token_end
 from proxy.pools cimport Pool
 from proxy.router cimport route
 
 
 cdef class ClientConnection(Exchange):
     cdef _reset_request(self)
-    @cython.locals(start=Py_ssize_t, i=Py_ssize_t, url_end=Py_ssize_t, line=Py_ssize_t,
+    @cython.locals(start=Py_ssize_t, i=Py_ssize_t, url_end=Py_ssize_t, line=Py_ssize_t, close=int,
                    name_end=Py_ssize_t, value=Py_ssize_t, kind=int, keep_alive=bint,
                    max_headers=Py_ssize_t, count=Py_ssize_t, run=Py_ssize_t, lines=list,
                    method=bytes, host=bytes, override_name=bytes)

@@ -43,6 +43,7 @@ from proxy.http1 import (
     Pending,
     Reject,
     by_length,
+    connection_close,
     field_kind,
     head_end,
     is_http09,
@@ -304,10 +305,10 @@ class ClientConnection(Exchange):
                     return False
                 host = data[value:i]
             elif kind == H_CONN:
-                if is_lower(data, value, i, b"close"):
-                    keep_alive = False
-                elif not is_lower(data, value, i, b"keep-alive"):
+                close = connection_close(data, value, i)
+                if close < 0:
                     return False
+                keep_alive = keep_alive and not close
                 if line > run:
                     lines.append(data[run:line])
                 run = i + 2

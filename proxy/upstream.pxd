@@ -15,10 +15,13 @@ cdef bint _FAST
 cdef dict _SPECIAL_BY_LENGTH
 cdef bytes _SPECIAL_HINTS
 
-from proxy.http1 cimport field_kind, head_end, is_lower, line_end, token_end
+from proxy.http1 cimport connection_close, field_kind, head_end, line_end, token_end
 
 @cython.locals(line=bytes)
 cdef bytes _status_line(int status, bytes reason)
+
+
+cdef _end_head(list lines, Exchange client)
 
 
 cdef class UpstreamConnection:
@@ -54,7 +57,7 @@ cdef class UpstreamConnection:
     cpdef close(self)
     cpdef abort(self)
     cdef bint _reusable(self)
-    @cython.locals(i=Py_ssize_t, j=Py_ssize_t, c=int, status=int, line=Py_ssize_t,
+    @cython.locals(i=Py_ssize_t, j=Py_ssize_t, c=int, status=int, line=Py_ssize_t, close=int,
                    run=Py_ssize_t, length=Py_ssize_t, keep_alive=bint, name_end=Py_ssize_t,
                    value=Py_ssize_t, value_end=Py_ssize_t, nxt=Py_ssize_t, kind=int,
                    parts=list, body=Py_ssize_t)

@@ -22,9 +22,9 @@ from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTi
 from proxy.headers import HOP_BY_HOP, connection_tokens
 from proxy.http1 import (
     by_length,
+    connection_close,
     field_kind,
     head_end,
-    is_lower,
     kind_hints,
     line_end,
     token_end,
@@ -77,6 +77,18 @@ _FAST = KIND == "compiled"
 # The response fields with special handling, by name length, for the fast path.
 _SPECIAL_BY_LENGTH = by_length(_RESPONSE_SPECIAL)
 _SPECIAL_HINTS = kind_hints(_RESPONSE_SPECIAL)
+
+
+def _end_head(lines: list[bytes], client: Exchange) -> None:
+    """The end of a response head for the client, on both reading paths: the client
+    connection's own Connection field (the upstream's is never forwarded), the fields the
+    proxy adds (``response_extra``) and the blank line."""
+    if client.closing:
+        lines.append(b"Connection: close\r\n")
+    elif not client.http11:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(client.response_extra())
+    lines.append(b"\r\n")
 
 
 class UpstreamConnection:
@@ -311,10 +323,10 @@ class UpstreamConnection:
             elif kind != -1:
                 # Connection and the other hop-by-hop fields: end the run before the line.
                 if kind == _R_CONN:
-                    if is_lower(data, value, value_end, b"close"):
-                        keep_alive = False
-                    elif not is_lower(data, value, value_end, b"keep-alive"):
+                    close = connection_close(data, value, value_end)
+                    if close < 0:
                         return False
+                    keep_alive = keep_alive and not close
                 if line > run:
                     parts.append(data[run:line])
                 run = nxt
@@ -330,12 +342,7 @@ class UpstreamConnection:
         self._keep_alive = keep_alive
         self.response_started = True
         self._framing = _RAW
-        if client.closing:
-            parts.append(b"Connection: close\r\n")
-        elif not client.http11:
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(client.response_extra())
-        parts.append(b"\r\n")
+        _end_head(parts, client)
         body = len(data) - end
         if body > length:
             self.request_done = False  # bytes after the response: never reuse
@@ -518,12 +525,7 @@ class UpstreamConnection:
                 lines += (b"Transfer-Encoding: ", codings, b", chunked\r\n")
             else:
                 lines.append(b"Transfer-Encoding: chunked\r\n")
-        if client.closing:
-            lines.append(b"Connection: close\r\n")
-        elif not client.http11:
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append(client.response_extra())
-        lines.append(b"\r\n")
+        _end_head(lines, client)
         return b"".join(lines)
 
     def on_body(self, body: bytes) -> None:
