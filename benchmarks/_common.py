@@ -742,6 +742,11 @@ def make_bgproxy(
     )
 
 
+def make_uvloop_floor(base: Path, up_port: int, cpu: int | None = PROXY_CPU) -> Server:
+    """``serve_uvloop_floor`` relaying to ``up_port``: the uvloop peer of the benchmarks."""
+    return helper_server(base, "uvloop", "uvloop-floor", cpu, [str(up_port)])
+
+
 def helper_server(
     base: Path, name: str, kind: str, cpu: int | None = CLIENT_CPU, args: Sequence[str] = ()
 ) -> Server:
@@ -1198,13 +1203,139 @@ def serve_ws_echo(port: int) -> None:
     )
 
 
+def serve_uvloop_floor(port: int, upstream_port: int) -> None:
+    """The floor for any proxy built on uvloop: a relay to 127.0.0.1:``upstream_port``
+    with pooled keep-alive upstream connections and nothing else. It frames GET requests
+    by their head and responses by Content-Length, tunnels an Upgrade, and drops
+    ``Connection: close`` upstream (answering it downstream). No routing, no header
+    rewriting beyond that, no timeouts, no limits, no metrics: not a proxy anyone
+    should run, only what the event loop and one Python callback per read cost.
+    bgproxy against it shows how much of a gap to nginx is bgproxy's own work.
+    """
+    import uvloop
+
+    idle: list[FloorUp] = []
+
+    class FloorUp(asyncio.Protocol):
+        def __init__(self, client: FloorClient, request: bytes) -> None:
+            self.client: FloorClient | None = client
+            self.request = request
+            self.transport: asyncio.Transport | None = None
+            self.head = b""
+            self.left = -1  # body bytes still due; -1 while the head is incomplete
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+            self.transport.write(self.request)
+            self.request = b""
+
+        def data_received(self, data: bytes) -> None:
+            client = self.client
+            if client is None or client.transport is None:
+                return
+            if client.tunnel:
+                client.transport.write(data)
+                return
+            if self.left < 0:
+                head = self.head + data
+                end = head.find(b"\r\n\r\n")
+                if end < 0:
+                    self.head = head
+                    return
+                self.head = b""
+                if head.startswith(b"HTTP/1.1 101"):
+                    client.tunnel = True
+                    client.transport.write(head)
+                    return
+                low = head[: end + 2].lower()  # every field line ends in CRLF
+                at = low.find(b"\r\ncontent-length:")
+                length = int(low[at + 17 : low.find(b"\r\n", at + 2)]) if at >= 0 else 0
+                self.left = length - (len(head) - end - 4)
+                if client.close:
+                    head = head.replace(b"Connection: keep-alive", b"Connection: close", 1)
+                data = head
+            else:
+                self.left -= len(data)
+            client.transport.write(data)
+            if self.left <= 0:
+                self.left = -1
+                self.client = None
+                client.up = None
+                idle.append(self)
+                if client.close:
+                    client.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self in idle:
+                idle.remove(self)
+            if self.client is not None and self.client.transport is not None:
+                self.client.transport.close()
+
+    class FloorClient(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.up: FloorUp | None = None
+            self.buf = b""
+            self.close = False
+            self.tunnel = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+
+        def data_received(self, data: bytes) -> None:
+            if self.tunnel:
+                if self.up is not None and self.up.transport is not None:
+                    self.up.transport.write(data)
+                return
+            buf = self.buf + data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            request, self.buf = buf[: end + 4], buf[end + 4 :]
+            if b"\r\nConnection: close\r\n" in request:
+                self.close = True
+                request = request.replace(b"Connection: close\r\n", b"", 1)
+            if idle and b"\r\nUpgrade:" not in request:
+                up = self.up = idle.pop()
+                up.client = self
+                assert up.transport is not None
+                up.transport.write(request)
+                return
+            up = self.up = FloorUp(self, request)
+            connect = loop.create_connection(lambda: up, "127.0.0.1", upstream_port)
+            loop.create_task(connect).add_done_callback(self._connected)
+
+        def _connected(self, task: asyncio.Task[Any]) -> None:
+            if task.exception() is not None and self.transport is not None:
+                self.transport.abort()  # upstream refused: the client sees a reset
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            up = self.up
+            if up is not None and up.transport is not None:
+                up.client = None
+                up.transport.close()  # mid-exchange or a tunnel: its stream state is unknown
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+
+    async def main() -> None:
+        await loop.create_server(FloorClient, "127.0.0.1", port, backlog=4096)
+        await asyncio.Event().wait()
+
+    loop.run_until_complete(main())
+
+
 def _helper_main(argv: list[str]) -> int:
-    kinds = {"ws-echo": serve_ws_echo}
+    kinds: dict[str, Callable[..., None]] = {
+        "ws-echo": serve_ws_echo,
+        "uvloop-floor": serve_uvloop_floor,
+    }
     if len(argv) < 2 or argv[0] not in kinds:
-        print(f"usage: {Path(__file__).name} {{{','.join(kinds)}}} PORT", file=sys.stderr)
+        print(f"usage: {Path(__file__).name} {{{','.join(kinds)}}} PORT [ARG]", file=sys.stderr)
         return 2
     raise_nofile(1 << 16)
-    kinds[argv[0]](int(argv[1]))
+    kinds[argv[0]](*map(int, argv[1:]))
     return 0
 
 

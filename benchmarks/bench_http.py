@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""HTTP throughput benchmark: bgproxy vs nginx vs HAProxy vs direct.
+"""HTTP throughput benchmark: bgproxy vs nginx vs HAProxy vs a bare uvloop relay vs direct.
 
 One command starts everything it needs, runs wrk against each target,
 prints a table and cleans up:
 
     python benchmarks/bench_http.py [--runs 5] [--duration 10] [--connections 50]
         [--only small,64k] [--modes keepalive,close]
-        [--targets direct,nginx,haproxy,bgproxy] [--json out.json]
+        [--targets direct,nginx,haproxy,uvloop,bgproxy] [--json out.json]
+
+``uvloop`` is the floor for a proxy built on uvloop (``serve_uvloop_floor`` in
+_common.py): pooled upstream connections and one callback per read, no proxy
+logic at all. bgproxy against it is the cost of bgproxy's own work; uvloop against
+nginx is what the event loop costs before any of it.
 
 Layout (2 cores): the upstream nginx and the wrk client share CPU 0, every
 proxy under test runs alone on CPU 1, so each proxy gets one whole core.
@@ -47,6 +52,7 @@ from _common import (
     make_haproxy,
     make_nginx_proxy,
     make_upstream,
+    make_uvloop_floor,
     median_or_none,
     need_cpus,
     parse_list,
@@ -63,8 +69,8 @@ from _common import (
 )
 
 MODES = ("keepalive", "close")
-TARGETS = ("direct", "nginx", "haproxy", "bgproxy")
-PEERS = ("direct", "nginx", "haproxy")  # baselines that ratios are computed against
+TARGETS = ("direct", "nginx", "haproxy", "uvloop", "bgproxy")
+PEERS = ("direct", "nginx", "haproxy", "uvloop")  # baselines that ratios are computed against
 
 
 # -------------------------------------------------------------------- results
@@ -152,6 +158,9 @@ def summarize(
                     base = {r.run: r.rps for r in samples.get((body, mode, peer), [])}
                     ratios = [r.rps / base[r.run] for r in runs if base.get(r.run)]
                     row[f"vs_{peer}"] = median_or_none(ratios)
+                    p99s = {r.run: r.p99_ms for r in samples.get((body, mode, peer), [])}
+                    r99 = [r.p99_ms / p99s[r.run] for r in runs if p99s.get(r.run)]
+                    row[f"p99_vs_{peer}"] = median_or_none(r99)
                 rows.append(row)
     return rows
 
@@ -185,8 +194,9 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
             continue
         parts = [
             f"bgproxy/{peer} {r['body']} {r['mode']}: {r[f'vs_{peer}']:.2f}{TIMES}"
-            for peer in ("nginx", "haproxy", "direct")
-            if r[f"vs_{peer}"] is not None
+            f" (p99 {r[f'p99_vs_{peer}']:.2f}{TIMES})"
+            for peer in ("nginx", "haproxy", "uvloop", "direct")
+            if r.get(f"vs_{peer}") is not None and r.get(f"p99_vs_{peer}") is not None
         ]
         if parts:
             print(" | ".join(parts))
@@ -329,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         factories = {
             "nginx": lambda: make_nginx_proxy(base, nginx, upstream.port),
             "haproxy": lambda: make_haproxy(base, haproxy, upstream.port),
+            "uvloop": lambda: make_uvloop_floor(base, upstream.port),
             "bgproxy": lambda: make_bgproxy(base, upstream.port),
         }
         for name in args.targets:

@@ -5,7 +5,7 @@ One command starts everything it needs, runs the clients against each target,
 prints a table and cleans up:
 
     python benchmarks/bench_ws.py [--clients 50] [--duration 10] [--runs 3] [--size 32]
-        [--targets direct,nginx,haproxy,bgproxy] [--json out.json]
+        [--targets direct,nginx,haproxy,uvloop,bgproxy] [--json out.json]
 
 The upstream is an aiohttp WebSocket echo server (on CPU 0). N clients each
 open one WebSocket (through the target) and ping-pong a small text message as
@@ -13,7 +13,9 @@ fast as they can: send, wait for the echo, send again. The clients are a raw
 asyncio client in this process (pre-masked frame, no per-message parsing
 beyond the frame header) on CPU 0; the proxy under test runs alone on CPU 1.
 bgproxy relays any ``Upgrade: websocket`` request to the active color; nginx
-(with ``Upgrade``/``Connection`` forwarded) and HAProxy are peers.
+(with ``Upgrade``/``Connection`` forwarded) and HAProxy are peers, and ``uvloop``
+(``serve_uvloop_floor`` in _common.py) is the floor: after the handshake it copies
+bytes both ways with no frame tracking, the least any uvloop relay can do.
 
 Columns: msgs/s = round trips per second over all clients; p50/p99 = round-trip
 time of one message; "proxy CPU %" = the proxy's CPU time over the run's wall
@@ -53,6 +55,7 @@ from _common import (
     make_bgproxy,
     make_haproxy,
     make_nginx_proxy,
+    make_uvloop_floor,
     median_or_none,
     need_cpus,
     open_ws,
@@ -70,8 +73,8 @@ from _common import (
     write_json,
 )
 
-TARGETS = ("direct", "nginx", "haproxy", "bgproxy")
-PEERS = ("direct", "nginx", "haproxy")
+TARGETS = ("direct", "nginx", "haproxy", "uvloop", "bgproxy")
+PEERS = ("direct", "nginx", "haproxy", "uvloop")
 
 
 @dataclass
@@ -202,7 +205,7 @@ def summarize(samples: list[Sample], targets: list[str]) -> list[dict[str, Any]]
 def print_table(rows: list[dict[str, Any]]) -> None:
     headers = [
         "target", "msgs/s", "p50 ms", "p99 ms", "max ms", "proxy CPU %", "CPU us/msg",
-        "RSS MiB", "errors", "x direct", "x nginx", "x haproxy", "p99 x direct",
+        "RSS MiB", "errors", "x direct", "x nginx", "x haproxy", "x uvloop", "p99 x direct",
     ]  # fmt: skip
     table = [
         [
@@ -218,6 +221,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             fmt(r["vs_direct"], ".2f"),
             fmt(r["vs_nginx"], ".2f"),
             fmt(r["vs_haproxy"], ".2f"),
+            fmt(r["vs_uvloop"], ".2f"),
             fmt(r["p99_vs_direct"], ".2f"),
         ]
         for r in rows
@@ -271,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         factories = {
             "nginx": lambda: make_nginx_proxy(base, nginx, echo.port, websocket=True),
             "haproxy": lambda: make_haproxy(base, haproxy, echo.port),
+            "uvloop": lambda: make_uvloop_floor(base, echo.port),
             "bgproxy": lambda: make_bgproxy(base, echo.port),
         }
         for name in args.targets:
