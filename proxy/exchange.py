@@ -10,6 +10,7 @@ exchange ends (a response, an error reply, a cut stream).
 from __future__ import annotations
 
 import asyncio
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
@@ -198,7 +199,7 @@ class Exchange:
         self._response_started = True
         self.phase = STREAM
         self.deadline = self.server.now + self.settings.upstream_response_timeout
-        self.server.record_response(self.color, status, self.server.loop.time() - self._started)
+        self.server.record_response(self.color, status, monotonic() - self._started)
 
     def response_extra(self) -> bytes:
         return self._extra
@@ -298,7 +299,7 @@ class Exchange:
         reply = reply_for(exc)
         if self.color is not None:
             self.server.record_response(
-                self.color, reply.status, self.server.loop.time() - self._started
+                self.color, reply.status, monotonic() - self._started
             )
         self._reply(reply)
 

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 from random import random as roll_dice
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
@@ -617,7 +618,8 @@ class ClientConnection(Exchange):
         self._extra = (s.sticky_extra if decision.set_sticky else s.color_extra)[color]
         server.begin_request(color)
         self._active = True
-        self._started = server.loop.time()
+        # Not loop.time(): uvloop's clock counts whole milliseconds.
+        self._started = monotonic()
 
         is_upgrade = upgrade and upgrade_value is not None and upgrade_value.lower() != b"h2c"
         if is_upgrade and upgrade_value is not None and upgrade_value.lower() == b"websocket":

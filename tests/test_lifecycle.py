@@ -159,3 +159,30 @@ async def test_serve_exits_nonzero_when_port_taken(tmp_path: Path) -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 1
     assert "listen" in err.decode() and str(port) in err.decode()
+
+
+async def test_request_durations_are_timed_finer_than_uvloops_millisecond_clock(
+    tmp_path: Path, ups: dict[str, Upstream]
+) -> None:
+    # The process runs on uvloop, whose loop.time() counts whole milliseconds: timed by
+    # it, fast requests would land in 0 or 1 ms, never in the 1.5 or 2.5 ms buckets.
+    port, admin_port = free_port(), free_port()
+    cfg = tmp_path / "bgproxy.yaml"
+    write_config(cfg, port, admin_port, [ups["blue"].url], [ups["green"].url])
+    p = ProxyProcess(cfg)
+    await p.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                async with s.get(p.url + "/x") as r:
+                    assert r.status == 200
+            async with s.get(p.admin_url + "/metrics") as r:
+                text = await r.text()
+        prefix = 'bgproxy_request_duration_seconds_sum{color="blue"} '
+        total = next(float(line[len(prefix) :]) for line in text.splitlines()
+                     if line.startswith(prefix))  # fmt: skip
+        assert total > 0
+        ms = total * 1000
+        assert abs(ms - round(ms)) > 1e-4, f"{total!r} s is a whole number of milliseconds"
+    finally:
+        await p.stop()
