@@ -30,6 +30,15 @@ def write_config(
     path.write_text(yaml.safe_dump(data))
 
 
+async def serving(tmp_path: Path, ups: dict[str, Upstream], **extra: object) -> ProxyProcess:
+    """``python -m proxy`` on free ports, blue and green on their upstreams, started."""
+    cfg = tmp_path / "bgproxy.yaml"
+    write_config(cfg, free_port(), free_port(), [ups["blue"].url], [ups["green"].url], **extra)
+    p = ProxyProcess(cfg)
+    await p.start()
+    return p
+
+
 @pytest.fixture
 async def ups() -> AsyncIterator[dict[str, Upstream]]:
     u = {
@@ -45,13 +54,7 @@ async def ups() -> AsyncIterator[dict[str, Upstream]]:
 async def test_sigterm_finishes_requests_closes_websockets_1001_and_exits_0(
     tmp_path: Path, ups: dict[str, Upstream]
 ) -> None:
-    port, admin_port = free_port(), free_port()
-    cfg = tmp_path / "bgproxy.yaml"
-    write_config(
-        cfg, port, admin_port, [ups["blue"].url], [ups["green"].url], drain={"timeout": "5s"}
-    )
-    p = ProxyProcess(cfg)
-    await p.start()
+    p = await serving(tmp_path, ups, drain={"timeout": "5s"})
     try:
         async with aiohttp.ClientSession() as s:
             ws = await s.ws_connect(p.url + "/ws")
@@ -82,11 +85,8 @@ async def test_sigterm_finishes_requests_closes_websockets_1001_and_exits_0(
 async def test_sighup_reloads_targets_without_failing_a_request(
     tmp_path: Path, ups: dict[str, Upstream]
 ) -> None:
-    port, admin_port = free_port(), free_port()
-    cfg = tmp_path / "bgproxy.yaml"
-    write_config(cfg, port, admin_port, [ups["blue"].url], [ups["green"].url])
-    p = ProxyProcess(cfg)
-    await p.start()
+    p = await serving(tmp_path, ups)
+    cfg = p.path
     try:
         async with aiohttp.ClientSession() as s:
             await s.post(p.admin_url + "/weights", json={"blue": 100, "green": 0})
@@ -108,7 +108,9 @@ async def test_sighup_reloads_targets_without_failing_a_request(
 
             workers = [asyncio.create_task(load()) for _ in range(8)]
             await asyncio.sleep(0.3)
-            write_config(cfg, port, admin_port, [ups["blue2"].url], [ups["green"].url])
+            data = yaml.safe_load(cfg.read_text())
+            data["upstreams"]["blue"]["targets"] = [ups["blue2"].url]
+            cfg.write_text(yaml.safe_dump(data))
             p.signal(signal.SIGHUP)
             for _ in range(300):
                 if seen and seen[-1] == "blue2":
@@ -166,11 +168,7 @@ async def test_request_durations_are_timed_finer_than_uvloops_millisecond_clock(
 ) -> None:
     # The process runs on uvloop, whose loop.time() counts whole milliseconds: timed by
     # it, fast requests would land in 0 or 1 ms, never in the 1.5 or 2.5 ms buckets.
-    port, admin_port = free_port(), free_port()
-    cfg = tmp_path / "bgproxy.yaml"
-    write_config(cfg, port, admin_port, [ups["blue"].url], [ups["green"].url])
-    p = ProxyProcess(cfg)
-    await p.start()
+    p = await serving(tmp_path, ups)
     try:
         async with aiohttp.ClientSession() as s:
             for _ in range(5):
