@@ -858,6 +858,13 @@ def median_or_none(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def paired_ratio(runs: Sequence[Any], peer_runs: Sequence[Any], attr: str) -> float | None:
+    """Median over runs of ``attr`` divided by the peer's ``attr`` in the same run (both
+    sides have ``.run``): noise that hits one run hits both sides of its ratio."""
+    base = {p.run: getattr(p, attr) for p in peer_runs}
+    return median_or_none([getattr(r, attr) / base[r.run] for r in runs if base.get(r.run)])
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of an already sorted sequence."""
     if not sorted_values:

@@ -55,6 +55,7 @@ from _common import (
     make_uvloop_floor,
     median_or_none,
     need_cpus,
+    paired_ratio,
     parse_list,
     print_rows,
     run_main,
@@ -155,12 +156,9 @@ def summarize(
                     "errors": sum(r.errors for r in runs),
                 }
                 for peer in peers:
-                    base = {r.run: r.rps for r in samples.get((body, mode, peer), [])}
-                    ratios = [r.rps / base[r.run] for r in runs if base.get(r.run)]
-                    row[f"vs_{peer}"] = median_or_none(ratios)
-                    p99s = {r.run: r.p99_ms for r in samples.get((body, mode, peer), [])}
-                    r99 = [r.p99_ms / p99s[r.run] for r in runs if p99s.get(r.run)]
-                    row[f"p99_vs_{peer}"] = median_or_none(r99)
+                    peer_runs = samples.get((body, mode, peer), [])
+                    row[f"vs_{peer}"] = paired_ratio(runs, peer_runs, "rps")
+                    row[f"p99_vs_{peer}"] = paired_ratio(runs, peer_runs, "p99_ms")
                 rows.append(row)
     return rows
 

@@ -59,6 +59,7 @@ from _common import (
     median_or_none,
     need_cpus,
     open_ws,
+    paired_ratio,
     percentile,
     pin_self,
     print_rows,
@@ -192,12 +193,9 @@ def summarize(samples: list[Sample], targets: list[str]) -> list[dict[str, Any]]
             "errors": sum(s.errors + s.failed_handshakes for s in runs),
         }
         for peer in PEERS:
-            base = {s.run: s.msgs_per_s for s in samples if s.target == peer}
-            ratios = [s.msgs_per_s / base[s.run] for s in runs if base.get(s.run)]
-            row[f"vs_{peer}"] = median_or_none(ratios)
-            p99s = {s.run: s.p99_ms for s in samples if s.target == peer}
-            r99 = [s.p99_ms / p99s[s.run] for s in runs if p99s.get(s.run)]
-            row[f"p99_vs_{peer}"] = median_or_none(r99)
+            peer_runs = [s for s in samples if s.target == peer]
+            row[f"vs_{peer}"] = paired_ratio(runs, peer_runs, "msgs_per_s")
+            row[f"p99_vs_{peer}"] = paired_ratio(runs, peer_runs, "p99_ms")
         rows.append(row)
     return rows
 
