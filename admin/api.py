@@ -24,9 +24,11 @@ from admin.fleet import Fleet, Identity, default_fleet
 from admin.gates import GateFailed
 from proxy import _hotpath
 from proxy.server import ProxyServer
+from proxy.service import Service
 from proxy.state import (
     Color,
     Event,
+    GenerationMismatch,
     InvalidWeights,
     RoutingState,
     StateError,
@@ -73,22 +75,22 @@ _HTTP_CODES = {
 }
 
 
-class ControlPlane:
-    """What the admin API acts on: the data plane, the store and readiness."""
+class ServiceControl:
+    """What the admin API acts on for one service: its data-plane state, its store, its
+    gates and rollback watch."""
 
-    def __init__(self, server: ProxyServer, store: StateStore, token: str | None) -> None:
-        self.server = server
-        self.store = store
-        self.token = token
-        self.ready = False
+    def __init__(self, service: Service, identity: Identity) -> None:
+        self.service = service
+        self.name = service.name
+        self.store: StateStore = service.store
         # Set by the runner once started; None (tests, early start) means "not running".
         self.gates: Gates | None = None
         self.rollback: RollbackController | None = None
         self.switches: Counter[str] = Counter()  # accepted changes by trigger, for metrics
         self._applying: list[tuple[RoutingState, Event]] = []
-        self.identity = Identity.for_process()
+        self.identity = identity
         # Who else serves this state (Redis fleet, workers); replaced by a supervisor.
-        self.fleet: Fleet = default_fleet(store, lambda: [self.instance()])
+        self.fleet: Fleet = default_fleet(self.store, lambda: [self.instance()])
         self.propagation_timeout = 3.0  # how long a write waits for every instance to apply it
 
     def event_for(self, state: RoutingState) -> Event | None:
@@ -105,21 +107,42 @@ class ControlPlane:
             for color in colors:
                 await self.gates.check(color)
 
+    def rollback_status(self) -> dict[str, Any]:
+        if self.rollback is not None:
+            return self.rollback.status()
+        return {"state": "idle", "color": None, "until": None, "last": None}
+
+    def summary(self) -> dict[str, Any]:
+        """This service's entry in ``GET /services``."""
+        state = self.store.snapshot()
+        service = self.service
+        return {
+            "name": self.name,
+            "hosts": list(service.config.hosts),
+            "paths": list(service.config.paths),
+            "active": state.active.value,
+            "weights": state.weights.as_dict(),
+            "generation": state.generation,
+            "healthy": {c.value: p.healthy for c, p in service.pools.items()},
+            "traffic": service.traffic.status(service.loop.time()),
+            "drain": service.drain.drain.to_dict(),
+            "rollback": self.rollback_status(),
+        }
+
     def status(self) -> dict[str, Any]:
         state = self.store.snapshot()
-        server = self.server
+        service = self.service
         return {
+            "service": self.name,
             "active": state.active.value,
             "weights": state.weights.as_dict(),
             "generation": state.generation,
             "previous": state.previous.value if state.previous else None,
             "changed_at": rfc3339(state.changed_at),
-            "colors": server.colors_status(),
-            "drain": server.drain.drain.to_dict(),
-            "rollback": self.rollback.status()
-            if self.rollback is not None
-            else {"state": "idle", "color": None, "until": None, "last": None},
-            "traffic": server.traffic.status(server.loop.time()),
+            "colors": service.colors_status(),
+            "drain": service.drain.drain.to_dict(),
+            "rollback": self.rollback_status(),
+            "traffic": service.traffic.status(service.loop.time()),
             "instances": self.fleet.instances(),
             "store": self.fleet.store_status(),
             "hot_path": _hotpath.KIND,
@@ -134,12 +157,12 @@ class ControlPlane:
         return {**self.status(), "lagging": lagging}
 
     def instance(self) -> dict[str, Any]:
-        server = self.server
+        service = self.service
         return {
             **self.identity.record(),
             "generation": self.store.snapshot().generation,
-            "in_flight": {c.value: n for c, n in server.in_flight.items()},
-            "websockets": {c.value: n for c, n in server.websockets.items()},
+            "in_flight": {c.value: n for c, n in service.in_flight.items()},
+            "websockets": {c.value: n for c, n in service.websockets.items()},
             "last_seen": rfc3339(time.time()),
         }
 
@@ -161,8 +184,6 @@ class ControlPlane:
             raise StoreUnavailable(self.fleet.unavailable_detail())
         current = self.store.snapshot()
         if expected_generation is not None and expected_generation != current.generation:
-            from proxy.state import GenerationMismatch
-
             raise GenerationMismatch(
                 f"state is at generation {current.generation}, not {expected_generation}"
             )
@@ -179,7 +200,7 @@ class ControlPlane:
             trigger=trigger,
             reason=reason,
             actor=actor,
-            details=details or {},
+            details={"service": self.name, **(details or {})},
         )
         entry = (new, event)
         self._applying.append(entry)
@@ -189,6 +210,57 @@ class ControlPlane:
             self._applying.remove(entry)
         self.switches[trigger] += 1
         return applied
+
+
+class ControlPlane:
+    """What the admin API acts on: every service's control, the token and readiness."""
+
+    def __init__(self, server: ProxyServer, token: str | None) -> None:
+        self.server = server
+        self.token = token
+        self.ready = False
+        self.identity = Identity.for_process()
+        self.services: dict[str, ServiceControl] = {}
+        self.sync_services()
+
+    def sync_services(self) -> list[ServiceControl]:
+        """Follow the data plane's services (start, reload): a kept service keeps its
+        control; returns the controls that are new (the runner starts their watch)."""
+        added = []
+        current: dict[str, ServiceControl] = {}
+        for name, service in self.server.services.items():
+            control = self.services.get(name)
+            if control is None or control.service is not service:
+                control = ServiceControl(service, self.identity)
+                added.append(control)
+            current[name] = control
+        self.services = current
+        return added
+
+    def resolve(self, name: str | None) -> ServiceControl:
+        """The service an endpoint acts on: the named one, else the only one, else
+        ``default_service``; ApiError otherwise."""
+        if name is not None:
+            control = self.services.get(name)
+            if control is None:
+                raise ApiError(404, "unknown_service", f"no service named {name!r}")
+            return control
+        if len(self.services) == 1:
+            return next(iter(self.services.values()))
+        default = self.server.config.default_service
+        if default is not None and default in self.services:
+            return self.services[default]
+        raise ApiError(
+            400,
+            "service_required",
+            "several services and no default_service: name one with /services/{name}/... "
+            f"(services: {', '.join(self.services)})",
+        )
+
+    @property
+    def only(self) -> ServiceControl:
+        """The single-service form's one service (tests, workers)."""
+        return next(iter(self.services.values()))
 
 
 # -- middlewares --------------------------------------------------------------------------
@@ -358,19 +430,27 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
     )
     actor = "admin"
 
+    def scoped(request: web.Request) -> ServiceControl:
+        return cp.resolve(request.match_info.get("name"))
+
     async def status(request: web.Request) -> web.Response:
-        await cp.fleet.refresh()  # other instances' records as they are now (bounded)
-        return web.json_response(cp.status())
+        control = scoped(request)
+        await control.fleet.refresh()  # other instances' records as they are now (bounded)
+        return web.json_response(control.status())
+
+    async def services(request: web.Request) -> web.Response:
+        return web.json_response({"services": [c.summary() for c in cp.services.values()]})
 
     async def commit(
+        control: ServiceControl,
         data: dict[str, Any],
         action: str,
         build: Callable[[RoutingState], RoutingState | None],
         force: bool = False,
     ) -> web.Response:
-        """One write: compare-and-set through the ControlPlane, answered once settled."""
+        """One write: compare-and-set through the service's control, answered once settled."""
         try:
-            new = await cp.apply(
+            new = await control.apply(
                 build,
                 action,
                 _opt_str(data, "reason"),
@@ -380,19 +460,22 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
             )
         except StateError as exc:
             raise _state_error(exc) from exc
-        return web.json_response(await cp.settled_status(new))
+        return web.json_response(await control.settled_status(new))
 
     async def switch(request: web.Request) -> web.Response:
+        control = scoped(request)
         data = await _json_body(request)
         color = Color.parse(data.get("color"))
         if color is None:
             raise ApiError(400, "bad_color", '\'color\' must be "blue" or "green"')
         force = _opt_force(data)
-        if not force and switch_to(cp.store.snapshot(), color, 0.0) is not None:
-            await cp.check_gates([color])  # a no-op switch runs none
-        return await commit(data, "switch", lambda s: switch_to(s, color, time.time()), force)
+        if not force and switch_to(control.store.snapshot(), color, 0.0) is not None:
+            await control.check_gates([color])  # a no-op switch runs none
+        build = lambda s: switch_to(s, color, time.time())  # noqa: E731
+        return await commit(control, data, "switch", build, force)
 
     async def weights(request: web.Request) -> web.Response:
+        control = scoped(request)
         data = await _json_body(request)
         blue, green = data.get("blue"), data.get("green")
         for key, value in (("blue", blue), ("green", green)):
@@ -404,17 +487,17 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         force = _opt_force(data)
         if not force:
             # Gates only for a color this change gives traffic it did not have.
-            had = cp.store.snapshot().weights
-            await cp.check_gates(
+            had = control.store.snapshot().weights
+            await control.check_gates(
                 c for c, w in ((Color.BLUE, blue), (Color.GREEN, green)) if w > 0 and not had.of(c)
             )
-        return await commit(
-            data, "weights", lambda s: set_weights(s, blue, green, time.time()), force
-        )
+        build = lambda s: set_weights(s, blue, green, time.time())  # noqa: E731
+        return await commit(control, data, "weights", build, force)
 
     async def rollback(request: web.Request) -> web.Response:
+        control = scoped(request)
         data = await _json_body(request)
-        return await commit(data, "rollback", lambda s: roll_back(s, time.time()))
+        return await commit(control, data, "rollback", lambda s: roll_back(s, time.time()))
 
     async def events(request: web.Request) -> web.Response:
         raw = request.query.get("limit", "50")
@@ -424,11 +507,21 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
             raise ApiError(400, "bad_limit", "'limit' must be an integer") from None
         if limit < 1 or limit > 1000:
             raise ApiError(400, "bad_limit", "'limit' must be between 1 and 1000")
+        name = request.match_info.get("name")
+        # Unscoped: every service's events, newest first.
+        controls = [cp.resolve(name)] if name is not None else list(cp.services.values())
+        items: list[Event] = []
         try:
-            items = await cp.store.events(limit)
+            for control in controls:
+                items += await control.store.events(limit)
         except StateError as exc:
             raise _state_error(exc) from exc
-        return web.json_response({"events": [e.to_dict() for e in items]})
+        items.sort(key=lambda e: e.at, reverse=True)
+        return web.json_response({"events": [e.to_dict() for e in items[:limit]]})
+
+    async def history(request: web.Request) -> web.Response:
+        control = scoped(request)
+        return web.json_response(control.service.traffic.history_dict())
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -438,11 +531,14 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready"}, status=503)
 
-    app.router.add_get("/status", status)
-    app.router.add_post("/switch", switch)
-    app.router.add_post("/weights", weights)
-    app.router.add_post("/rollback", rollback)
-    app.router.add_get("/events", events)
+    app.router.add_get("/services", services)
+    for prefix in ("", "/services/{name}"):
+        app.router.add_get(f"{prefix}/status", status)
+        app.router.add_post(f"{prefix}/switch", switch)
+        app.router.add_post(f"{prefix}/weights", weights)
+        app.router.add_post(f"{prefix}/rollback", rollback)
+        app.router.add_get(f"{prefix}/events", events)
+        app.router.add_get(f"{prefix}/history", history)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     add_dashboard(app)

@@ -15,11 +15,12 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from config import Config
+from config import Config, ServiceConfig
+from config.schema import DEFAULT_SERVICE
 from proxy import __version__
 from proxy.redis_store import REDIS_DOWN, RedisStateStore
 from proxy.state import Color, MemoryStateStore, RoutingState, StateStore, rfc3339
@@ -155,15 +156,37 @@ class RedisFleet:
             await self.store.wait_applied_message(marker, min(self._poll, left))
 
 
+def key_prefix(config: Config, service: str) -> str:
+    """A service's Redis keys: the single-service form keeps today's keys."""
+    prefix = config.state.key_prefix
+    return prefix if service == DEFAULT_SERVICE else f"{prefix}:svc:{service}"
+
+
 @contextlib.asynccontextmanager
-async def open_store(config: Config) -> AsyncIterator[StateStore]:
-    """The store ``state.backend`` names, not yet connected (see ``connect_store``)."""
-    seed = RoutingState.initial(Color(config.routing.active))
+async def open_store(config: Config, service: ServiceConfig) -> AsyncIterator[StateStore]:
+    """``service``'s store of the kind ``state.backend`` names, not yet connected (see
+    ``connect_store``)."""
+    seed = RoutingState.initial(Color(service.routing.active))
     if config.state.backend != "redis":
         yield MemoryStateStore(seed)
         return
-    async with RedisStateStore(config.state.redis_url, config.state.key_prefix, seed) as store:
+    prefix = key_prefix(config, service.name)
+    async with RedisStateStore(config.state.redis_url, prefix, seed) as store:
         yield store
+
+
+@contextlib.asynccontextmanager
+async def open_stores(
+    config: Config, names: Iterable[str] | None = None
+) -> AsyncIterator[dict[str, StateStore]]:
+    """One store per service (those ``names``, else all): one state record and one
+    compare-and-set each."""
+    async with contextlib.AsyncExitStack() as stack:
+        stores: dict[str, StateStore] = {}
+        for svc in config.services:
+            if names is None or svc.name in names:
+                stores[svc.name] = await stack.enter_async_context(open_store(config, svc))
+        yield stores
 
 
 async def connect_store(store: StateStore, config: Config) -> None:

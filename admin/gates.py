@@ -24,7 +24,7 @@ import aiohttp
 
 from config import SmokeProbe
 from proxy.pools import Upstream
-from proxy.server import ProxyServer
+from proxy.service import Service
 from proxy.state import Color
 
 MAX_PROBE_BODY = 1024 * 1024  # expect_body is a substring check: never read more than this
@@ -58,7 +58,7 @@ class Probe:
 class Gates:
     """Runs the configured gates; an async context manager owning the probe session."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: Service) -> None:
         self.server = server
         self._session: aiohttp.ClientSession | None = None
 

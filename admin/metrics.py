@@ -25,7 +25,7 @@ from proxy.state import COLORS
 from proxy.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from admin.api import ControlPlane
+    from admin.api import ControlPlane, ServiceControl
 
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
 TRIGGERS = ("manual", "auto")
@@ -42,26 +42,36 @@ class ProxyCollector:
         return list(self.collect())
 
     def collect(self) -> Iterator[Metric]:
-        control = self.control
-        server = control.server
+        # Every family once, with a sample per service (the ``service`` label comes first).
+        families: dict[str, Metric] = {}
+        for control in self.control.services.values():
+            for metric in self._service_metrics(control):
+                kept = families.setdefault(metric.name, metric)
+                if kept is not metric:
+                    kept.samples.extend(metric.samples)
+        yield from families.values()
+
+    def _service_metrics(self, control: ServiceControl) -> Iterator[Metric]:
+        server = control.service
         state = control.store.snapshot()
+        svc = control.name
 
         requests = CounterMetricFamily(
             "bgproxy_requests_total",
             "Responses to requests routed to a color, by exact status code.",
-            labels=["color", "code"],
+            labels=["service", "color", "code"],
         )
         for (color, status), n in sorted(
             server.responses.items(), key=lambda kv: (kv[0][0].value, kv[0][1])
         ):
-            requests.add_metric([color.value, str(status)], n)
+            requests.add_metric([svc, color.value, str(status)], n)
         yield requests
 
         duration = HistogramMetricFamily(
             "bgproxy_request_duration_seconds",
             "Time from routing a request to the upstream's response head (or the proxy's "
             "own error reply).",
-            labels=["color"],
+            labels=["service", "color"],
         )
         bounds = [_le(b) for b in LATENCY_BUCKETS] + ["+Inf"]
         for color in COLORS:
@@ -70,26 +80,28 @@ class ProxyCollector:
             for le, n in zip(bounds, t.counts, strict=True):
                 running += n
                 cumulative.append((le, float(running)))
-            duration.add_metric([color.value], cumulative, sum_value=t.latency_sum)
+            duration.add_metric([svc, color.value], cumulative, sum_value=t.latency_sum)
         yield duration
 
         in_flight = GaugeMetricFamily(
-            "bgproxy_in_flight_requests", "Requests in flight per color.", labels=["color"]
+            "bgproxy_in_flight_requests",
+            "Requests in flight per color.",
+            labels=["service", "color"],
         )
         websockets = GaugeMetricFamily(
             "bgproxy_websocket_connections",
             "Open WebSocket connections per color.",
-            labels=["color"],
+            labels=["service", "color"],
         )
         reconnects = CounterMetricFamily(
             "bgproxy_websocket_reconnects_sent_total",
             "Reconnect messages sent to WebSocket clients, by the color they were on.",
-            labels=["color"],
+            labels=["service", "color"],
         )
         for color in COLORS:
-            in_flight.add_metric([color.value], server.in_flight[color])
-            websockets.add_metric([color.value], server.websockets[color])
-            reconnects.add_metric([color.value], server.drain.reconnects_sent[color])
+            in_flight.add_metric([svc, color.value], server.in_flight[color])
+            websockets.add_metric([svc, color.value], server.websockets[color])
+            reconnects.add_metric([svc, color.value], server.drain.reconnects_sent[color])
         yield in_flight
         yield websockets
         yield reconnects
@@ -97,60 +109,66 @@ class ProxyCollector:
         errors = CounterMetricFamily(
             "bgproxy_upstream_errors_total",
             "Failures talking to upstreams, by kind (connect, timeout, protocol).",
-            labels=["color", "kind"],
+            labels=["service", "color", "kind"],
         )
         kinds = sorted(set(UPSTREAM_ERROR_KINDS) | {k for _, k in server.upstream_errors})
         for color in COLORS:
             for kind in kinds:
-                errors.add_metric([color.value, kind], server.upstream_errors[color, kind])
+                errors.add_metric([svc, color.value, kind], server.upstream_errors[color, kind])
         yield errors
 
         healthy = GaugeMetricFamily(
             "bgproxy_upstream_healthy",
             "1 when the target passes its health checks (in rotation), else 0.",
-            labels=["color", "target"],
+            labels=["service", "color", "target"],
         )
         for color, pool in server.pools.items():
             for up in pool.upstreams:
-                healthy.add_metric([color.value, up.url], 1.0 if up.stats.healthy else 0.0)
+                healthy.add_metric([svc, color.value, up.url], 1.0 if up.stats.healthy else 0.0)
         yield healthy
 
         active = GaugeMetricFamily(
-            "bgproxy_active_color", "1 for the active color, else 0.", labels=["color"]
+            "bgproxy_active_color", "1 for the active color, else 0.", labels=["service", "color"]
         )
         weight = GaugeMetricFamily(
-            "bgproxy_weight", "Traffic weight of each color.", labels=["color"]
+            "bgproxy_weight", "Traffic weight of each color.", labels=["service", "color"]
         )
         for color in COLORS:
-            active.add_metric([color.value], 1.0 if state.active is color else 0.0)
-            weight.add_metric([color.value], state.weights.of(color))
+            active.add_metric([svc, color.value], 1.0 if state.active is color else 0.0)
+            weight.add_metric([svc, color.value], state.weights.of(color))
         yield active
         yield weight
-        yield GaugeMetricFamily(
+        generation = GaugeMetricFamily(
             "bgproxy_state_generation",
             "Generation of the routing state this instance applies.",
-            value=state.generation,
+            labels=["service"],
         )
+        generation.add_metric([svc], state.generation)
+        yield generation
 
         switches = CounterMetricFamily(
             "bgproxy_switches_total",
             "Routing changes accepted through this instance (switch, weights, rollback).",
-            labels=["trigger"],
+            labels=["service", "trigger"],
         )
         for trigger in TRIGGERS:
-            switches.add_metric([trigger], control.switches[trigger])
+            switches.add_metric([svc, trigger], control.switches[trigger])
         yield switches
         rollback = control.rollback
-        yield CounterMetricFamily(
+        auto = CounterMetricFamily(
             "bgproxy_auto_rollbacks_total",
             "Rollbacks the rollback controller made.",
-            value=rollback.auto_rollbacks if rollback is not None else 0,
+            labels=["service"],
         )
-        yield GaugeMetricFamily(
+        auto.add_metric([svc], rollback.auto_rollbacks if rollback is not None else 0)
+        yield auto
+        available = GaugeMetricFamily(
             "bgproxy_state_store_available",
             "1 when the state store accepts writes, else 0 (the proxy keeps serving).",
-            value=1.0 if control.store.available else 0.0,
+            labels=["service"],
         )
+        available.add_metric([svc], 1.0 if control.store.available else 0.0)
+        yield available
 
 
 def _le(bound: float) -> str:

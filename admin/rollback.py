@@ -35,7 +35,7 @@ from proxy.state import (
 from proxy.stats import Window
 
 if TYPE_CHECKING:
-    from admin.api import ControlPlane
+    from admin.api import ServiceControl
 
 log = logging.getLogger("bgproxy.rollback")
 
@@ -142,9 +142,9 @@ class Watch:
 class RollbackController:
     """Watches after changes; an async context manager owning its one watch task."""
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ServiceControl) -> None:
         self.control = control
-        self.server = control.server
+        self.server = control.service  # its config, traffic counters
         self.state = "idle"  # idle | watching | rolled_back
         self.watch: Watch | None = None
         self.auto_rollbacks = 0

@@ -15,12 +15,12 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from admin.api import ControlPlane, build_admin_app
-from admin.fleet import connect_store, open_store
+from admin.api import ControlPlane, ServiceControl, build_admin_app
+from admin.fleet import connect_store, open_stores
 from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
@@ -70,6 +70,10 @@ class Running:
     server: ProxyServer
     control: ControlPlane
     runner: web.AppRunner | None  # None in a worker: its supervisor serves the admin API
+    admin: bool = True
+    safety: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    watches: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -87,7 +91,7 @@ class Running:
 async def running(
     config: Config,
     *,
-    store: StateStore | None = None,
+    stores: dict[str, StateStore] | None = None,
     sock: socket.socket | None = None,
     admin: bool = True,
     data_plane: bool = True,
@@ -96,15 +100,15 @@ async def running(
 
     The admin API comes up first so that ``/readyz`` answers 503 while a Redis store is
     awaited; the data plane starts once a routing state is loaded. A worker passes the
-    ``store`` its supervisor feeds, its listening ``sock`` and ``admin=False``; a
+    ``stores`` its supervisor feeds, its listening ``sock`` and ``admin=False``; a
     supervisor runs the admin API with ``data_plane=False`` (its workers serve).
     """
     token = admin_token(config) if admin else None
     async with contextlib.AsyncExitStack() as stack:
-        if store is None:
-            store = await stack.enter_async_context(open_store(config))
-        server = ProxyServer(config, store)
-        control = ControlPlane(server, store, token)
+        if stores is None:
+            stores = await stack.enter_async_context(open_stores(config))
+        server = ProxyServer(config, stores)
+        control = ControlPlane(server, token)
         runner = None
         if admin:
             app = build_admin_app(control, config.limits.admin_max_body_bytes)
@@ -121,7 +125,8 @@ async def running(
                 ) from exc
         stack.push_async_callback(server.close)
         try:
-            await connect_store(store, config)
+            for store in stores.values():
+                await connect_store(store, config)
         except StoreUnavailable as exc:
             raise StartupError(f"state.redis_url: {exc}") from exc
         if data_plane:
@@ -134,15 +139,26 @@ async def running(
         # Health checks, gates and the rollback watch: closed first, in reverse, on exit.
         safety = contextlib.AsyncExitStack()
         await safety.enter_async_context(HealthChecker(server))
+        run = Running(server, control, runner, admin, safety, stack)
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
-            control.gates = await safety.enter_async_context(Gates(server))
-            control.rollback = await safety.enter_async_context(RollbackController(control))
+            for svc_control in control.services.values():
+                await watch_service(run, svc_control)
         control.ready = True
         try:
-            yield Running(server, control, runner)
+            yield run
         finally:
             control.ready = False
             await safety.aclose()
+
+
+async def watch_service(run: Running, control: ServiceControl) -> None:
+    """Gates and the rollback watch of one service, closed with the process (or when a
+    reload removes the service)."""
+    stack = contextlib.AsyncExitStack()
+    control.gates = await stack.enter_async_context(Gates(control.service))
+    control.rollback = await stack.enter_async_context(RollbackController(control))
+    run.watches[control.name] = stack
+    run.safety.push_async_callback(stack.aclose)
 
 
 async def graceful_stop(run: Running, timeout: float) -> None:
@@ -157,9 +173,36 @@ def reload_config(run: Running, path: str) -> bool:
     except ConfigError as exc:
         log.error("reload rejected, keeping the running config:\n%s", exc)
         return False
-    run.server.apply_config(config)
+    added = {svc.name for svc in config.services} - set(run.server.services)
+    if not added:
+        run.server.apply_config(config)
+        asyncio.get_running_loop().create_task(_follow_services(run), name="reload")
+    else:  # a new service needs its store opened and loaded first
+        asyncio.get_running_loop().create_task(_add_services(run, config, added), name="reload")
     log.info("reloaded %s", path)
     return True
+
+
+async def _add_services(run: Running, config: Config, names: set[str]) -> None:
+    try:
+        stores = await run.stack.enter_async_context(open_stores(config, names))
+        for store in stores.values():
+            await connect_store(store, config)
+    except StoreUnavailable as exc:
+        log.error("reload: new services %s not started: %s", ", ".join(sorted(names)), exc)
+        return
+    run.server.apply_config(config, stores)
+    await _follow_services(run)
+
+
+async def _follow_services(run: Running) -> None:
+    """After a reload: controls for new services, watches started and ended to match."""
+    added = run.control.sync_services()
+    if run.admin:
+        for control in added:
+            await watch_service(run, control)
+    for name in [n for n in run.watches if n not in run.control.services]:
+        await run.watches.pop(name).aclose()
 
 
 def settle_heap() -> None:

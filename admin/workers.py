@@ -50,7 +50,7 @@ from admin.runner import (
 )
 from config import Config, ConfigError, load_config
 from proxy.redis_store import decode_event, encode_event
-from proxy.server import ProxyServer
+from proxy.service import Service
 from proxy.state import (
     COLORS,
     Color,
@@ -61,6 +61,7 @@ from proxy.state import (
     NothingToRollBack,
     RoutingState,
     StateError,
+    StateStore,
     StoreUnavailable,
 )
 
@@ -83,7 +84,7 @@ def _counts(values: dict[Color, int]) -> dict[str, int]:
     return {c.value: values[c] for c in COLORS}
 
 
-def _stats(server: ProxyServer) -> dict[str, Any]:
+def _stats(server: Service) -> dict[str, Any]:
     """A worker's cumulative traffic counters (the supervisor adds up the differences), so
     that metrics and the rollback watch on the supervisor see every worker's requests."""
     return {
@@ -112,7 +113,7 @@ class ChannelStore:
         self._listeners: list[Listener] = []
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
-        self._server: ProxyServer | None = None
+        self._server: Service | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.closed = asyncio.Event()  # the supervisor is gone
 
@@ -150,7 +151,7 @@ class ChannelStore:
                     raise StoreUnavailable("the supervisor closed the channel")
                 self._handle(json.loads(line))
 
-    def start(self, server: ProxyServer) -> None:
+    def start(self, server: Service) -> None:
         """The data plane is up: acknowledge, then follow the channel and report."""
         self._server = server
         self.report()
@@ -255,8 +256,11 @@ async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) ->
         await store.wait_initial(START_TIMEOUT)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        async with running(config, store=store, sock=sock, admin=False) as run:
-            store.start(run.server)
+        # One service (supervise refuses several): the channel carries its state.
+        (service,) = config.services
+        stores: dict[str, StateStore] = {service.name: store}
+        async with running(config, stores=stores, sock=sock, admin=False) as run:
+            store.start(run.server.services[service.name])
             settle_heap()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)

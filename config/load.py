@@ -10,6 +10,7 @@ the whole document has been walked: one ConfigError lists every problem.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -22,6 +23,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from .schema import (
+    SERVICE_NAME,
+    SERVICE_SECTIONS,
     AdminConfig,
     Config,
     ConfigError,
@@ -33,6 +36,7 @@ from .schema import (
     PoolConfig,
     RollbackConfig,
     RoutingConfig,
+    ServiceConfig,
     SmokeProbe,
     StateConfig,
     TargetConfig,
@@ -40,6 +44,8 @@ from .schema import (
     UpstreamsConfig,
     WarmupConfig,
     WebSocketConfig,
+    host_pattern_problem,
+    normalize_path,
 )
 
 T = TypeVar("T")
@@ -248,14 +254,24 @@ def _unknown_key(key: object, known: Sequence[str]) -> str:
     return f"unknown key (expected one of: {', '.join(known)})"
 
 
-_Builder = Callable[[list[str], str, object], object | None]
+# (errors, key path, YAML data, base): ``base`` is the section a service overrides key by
+# key (the top-level one), None at the top level.
+_Builder = Callable[[list[str], str, object, Any], object | None]
 
 
 class _Section:
     """One YAML mapping on its way to a dataclass: converted kwargs plus errors."""
 
-    def __init__(self, errors: list[str], path: str, data: object, keys: Sequence[str]) -> None:
+    def __init__(
+        self,
+        errors: list[str],
+        path: str,
+        data: object,
+        keys: Sequence[str],
+        base: Any = None,
+    ) -> None:
         self.errors = errors
+        self.base = base
         self.path = path
         self.kwargs: dict[str, Any] = {}
         self.values: dict[str, object] = {}
@@ -304,18 +320,22 @@ class _Section:
                 ok = False
         return items if ok else None
 
-    def nested(self, key: str, build: _Builder) -> None:
+    def nested(self, key: str, build: _Builder, base: Any = None) -> None:
         if key in self.values:
-            value = build(self.errors, self.key_path(key), self.values[key])
+            value = build(self.errors, self.key_path(key), self.values[key], base)
             if value is None:
                 self.ok = False
             else:
                 self.kwargs[key] = value
 
     def build(self, factory: Callable[..., T]) -> T | None:
-        """Construct even after a failed key (defaults fill in) to report the other keys."""
+        """Construct even after a failed key (defaults fill in) to report the other keys.
+        Over a ``base``, the keys given replace the base's and the rest are kept."""
         try:
-            result = factory(**self.kwargs)
+            if self.base is not None:
+                result = dataclasses.replace(self.base, **self.kwargs)
+            else:
+                result = factory(**self.kwargs)
         except ConfigError as exc:
             self.errors.extend(_join(self.path, error) for error in exc.errors)
             return None
@@ -327,8 +347,8 @@ def _flat(
 ) -> _Builder:
     """A section of plain keys: each one converted explicitly, then the dataclass built."""
 
-    def build(errors: list[str], path: str, data: object) -> object | None:
-        s = _Section(errors, path, data, tuple(converters))
+    def build(errors: list[str], path: str, data: object, base: Any = None) -> object | None:
+        s = _Section(errors, path, data, tuple(converters), base)
         for key, convert in converters.items():
             s.take(key, convert)
         return s.build(factory)
@@ -336,7 +356,7 @@ def _flat(
     return build
 
 
-def _pool(errors: list[str], path: str, data: object) -> PoolConfig | None:
+def _pool(errors: list[str], path: str, data: object, base: Any = None) -> PoolConfig | None:
     s = _Section(errors, path, data, ("targets",))
     if not isinstance(data, dict):
         return None  # null was reported by the caller as "required", anything else by _Section
@@ -351,7 +371,9 @@ def _pool(errors: list[str], path: str, data: object) -> PoolConfig | None:
     return s.build(PoolConfig)
 
 
-def _upstreams(errors: list[str], path: str, data: object) -> UpstreamsConfig | None:
+def _upstreams(
+    errors: list[str], path: str, data: object, base: Any = None
+) -> UpstreamsConfig | None:
     s = _Section(errors, path, data, ("blue", "green"))
     if not isinstance(data, dict):
         return None
@@ -363,8 +385,11 @@ def _upstreams(errors: list[str], path: str, data: object) -> UpstreamsConfig | 
     return s.build(UpstreamsConfig) if s.ok else None
 
 
-def _websocket(errors: list[str], path: str, data: object) -> WebSocketConfig | None:
-    s = _Section(errors, path, data, ("reconnect_window", "reconnect_message", "close_grace"))
+def _websocket(
+    errors: list[str], path: str, data: object, base: Any = None
+) -> WebSocketConfig | None:
+    keys = ("reconnect_window", "reconnect_message", "close_grace")
+    s = _Section(errors, path, data, keys, base)
     if "reconnect_window" in s.values:
         raw = s.values["reconnect_window"]
         if isinstance(raw, list) and len(raw) == 2:
@@ -381,7 +406,7 @@ def _websocket(errors: list[str], path: str, data: object) -> WebSocketConfig | 
     return s.build(WebSocketConfig)
 
 
-def _smoke_probe(errors: list[str], path: str, data: object) -> SmokeProbe | None:
+def _smoke_probe(errors: list[str], path: str, data: object, base: Any = None) -> SmokeProbe | None:
     if data is None:  # unlike a section, a probe has a required key
         errors.append(f"{path}: expected a mapping like {{path: /health}}, got null")
         return None
@@ -400,8 +425,8 @@ def _smoke_probe(errors: list[str], path: str, data: object) -> SmokeProbe | Non
 _warmup = _flat(WarmupConfig, {"requests": _int, "path": _str, "concurrency": _int})
 
 
-def _gates(errors: list[str], path: str, data: object) -> GatesConfig | None:
-    s = _Section(errors, path, data, ("require_healthy", "smoke", "warmup"))
+def _gates(errors: list[str], path: str, data: object, base: Any = None) -> GatesConfig | None:
+    s = _Section(errors, path, data, ("require_healthy", "smoke", "warmup"), base)
     s.take("require_healthy", _bool)
     raw_smoke = s.values.get("smoke")
     if raw_smoke is not None and not isinstance(raw_smoke, list):
@@ -416,7 +441,7 @@ def _gates(errors: list[str], path: str, data: object) -> GatesConfig | None:
             s.kwargs["smoke"] = tuple(good)
         else:
             s.ok = False
-    s.nested("warmup", _warmup)
+    s.nested("warmup", _warmup, base.warmup if base is not None else None)
     return s.build(GatesConfig)
 
 
@@ -508,7 +533,82 @@ _SECTIONS: tuple[tuple[str, _Builder], ...] = (
         ),
     ),
 )
-_TOP_KEYS = ("listen", *(key for key, _ in _SECTIONS), "trusted_proxies")
+_TOP_KEYS = (
+    "listen", *(key for key, _ in _SECTIONS), "trusted_proxies", "services", "default_service",
+)  # fmt: skip
+_BUILDERS = dict(_SECTIONS)
+_SECTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+# The head arrives before the service is known: only these timeouts are per service.
+_SERVICE_TIMEOUTS = ("connect", "upstream_response")
+_TIMEOUT_KEYS = frozenset(f.name for f in dataclasses.fields(TimeoutsConfig))
+_SERVICE_KEYS = ("hosts", "paths", "upstreams", *SERVICE_SECTIONS)
+
+
+def _host_pattern(value: object) -> str:
+    text = _str(value).strip().lower()
+    problem = host_pattern_problem(text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
+def _path_prefix(value: object) -> str:
+    text = _str(value)
+    if not text.startswith("/") or any(c in text for c in " ?#") or not text.isprintable():
+        raise ValueError(f"expected a path prefix like /v1, got {text!r}")
+    return normalize_path(text)
+
+
+def _service(
+    errors: list[str], path: str, name: str, data: object, top: dict[str, Any]
+) -> ServiceConfig | None:
+    """One entry of ``services``: its claims, its pools, and its overrides of the
+    top-level sections (``top``: those sections, already built)."""
+    s = _Section(errors, path, data, _SERVICE_KEYS)
+    if not isinstance(data, dict):
+        if data is None:
+            s.fail(path, "expected a mapping with hosts and upstreams, got null")
+        return None
+    for key in ("hosts", "paths"):
+        items = s.take_list(key, _host_pattern if key == "hosts" else _path_prefix)
+        if items is not None:
+            s.kwargs[key] = tuple(dict.fromkeys(items))
+    if s.values.get("upstreams") is None:
+        s.fail(s.key_path("upstreams"), "required: both blue and green, each {targets: [...]}")
+    else:
+        s.nested("upstreams", _upstreams)
+    timeouts = s.values.get("timeouts")
+    if isinstance(timeouts, dict):
+        for key in timeouts:
+            if key not in _SERVICE_TIMEOUTS and key in _TIMEOUT_KEYS:
+                s.fail(
+                    f"{s.key_path('timeouts')}.{key}",
+                    "a connection-level timeout: set it at the top level (a service may set "
+                    f"{' and '.join(_SERVICE_TIMEOUTS)})",
+                )
+    for key in SERVICE_SECTIONS:
+        s.kwargs[key] = top[key]
+        s.nested(key, _BUILDERS[key], top[key])
+    if not s.ok:
+        return None
+    s.kwargs["name"] = name
+    return s.build(ServiceConfig)
+
+
+def _services(errors: list[str], data: object, top: dict[str, Any]) -> list[ServiceConfig]:
+    if not isinstance(data, dict) or not data:
+        errors.append(f"services: expected a mapping of service names, got {_show(data)}")
+        return []
+    out = []
+    for name, value in data.items():
+        path = f"services.{name}"
+        if not isinstance(name, str) or SERVICE_NAME.fullmatch(name) is None:
+            errors.append(f"{path}: a service name must match [a-z0-9][a-z0-9_-]{{0,62}}")
+            continue
+        svc = _service(errors, path, name, value, top)
+        if svc is not None:
+            out.append(svc)
+    return out
 
 
 def parse_config(data: object) -> Config:
@@ -518,14 +618,23 @@ def parse_config(data: object) -> Config:
     errors: list[str] = []
     s = _Section(errors, "", data, _TOP_KEYS)  # an empty file is None: only upstreams is missing
     s.take("listen", parse_host_port)
+    has_services = s.values.get("services") is not None
     for key, build in _SECTIONS:
         if key == "upstreams" and s.values.get(key) is None:
-            s.fail(key, "required: both blue and green, each {targets: [http://host:port]}")
+            if not has_services:
+                s.fail(key, "required: both blue and green, each {targets: [http://host:port]}")
+        elif key == "upstreams" and has_services:
+            s.fail("services", "give either top-level upstreams or services, not both")
         else:
             s.nested(key, build)
     networks = s.take_list("trusted_proxies", parse_network)
     if networks is not None:
         s.kwargs["trusted_proxies"] = tuple(networks)
+    s.take("default_service", _optional(_str))
+    if has_services:
+        # Services override the top-level sections key by key: build those first.
+        top = {key: s.kwargs.get(key, _SECTION_DEFAULTS[key]) for key in SERVICE_SECTIONS}
+        s.kwargs["services"] = tuple(_services(errors, s.values["services"], top))
     # Cross-section checks (Config.__post_init__) only look at sections that are valid.
     config = None if errors else s.build(Config)
     if config is None:

@@ -369,11 +369,74 @@ def _may_collide(a: HostPort, b: HostPort) -> bool:
     return other is not None and ":" not in other
 
 
+# A service name goes into URLs, metric labels and Redis keys: keep it plain.
+SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+DEFAULT_SERVICE = "default"  # the name of the one service of the top-level upstreams form
+# Sections a service may override key by key (SPEC "Services").
+SERVICE_SECTIONS = (
+    "health_check", "routing", "timeouts", "drain", "websocket", "rollback", "gates",
+)  # fmt: skip
+
+
+def host_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not a valid ``hosts`` entry: exact name, ``*.suffix`` or ``*``."""
+    if pattern == "*":
+        return None
+    name = pattern[2:] if pattern.startswith("*.") else pattern
+    if "*" in name or (":" in name and not name.startswith("[")):
+        return f"expected a host name, '*.suffix' or '*' (no port), got {pattern!r}"
+    if not valid_host(name.strip("[]")):
+        return f"not a valid host name: {pattern!r}"
+    return None
+
+
+def normalize_path(prefix: str) -> str:
+    """``/v1/`` claims what ``/v1`` claims: prefixes match on ``/`` boundaries."""
+    return prefix.rstrip("/") or "/"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceConfig:
+    """One app behind the edge: what it claims (hosts, paths), its two pools and the
+    sections it runs under (the top-level ones, overridden key by key per service)."""
+
+    name: str
+    hosts: tuple[str, ...] = ("*",)  # lowercased
+    paths: tuple[str, ...] = ("/",)  # normalized prefixes
+    upstreams: UpstreamsConfig
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    routing: RoutingConfig = RoutingConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    drain: DrainConfig = DrainConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
+    rollback: RollbackConfig = RollbackConfig()
+    gates: GatesConfig = GatesConfig()
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(
+            SERVICE_NAME.fullmatch(self.name) is not None,
+            "name",
+            f"must match [a-z0-9][a-z0-9_-]{{0,62}}, got {self.name!r}",
+        )
+        p.check(len(self.hosts) > 0, "hosts", "must list at least one host pattern")
+        for i, host in enumerate(self.hosts):
+            problem = host_pattern_problem(host)
+            p.check(problem is None, f"hosts[{i}]", problem or "")
+        p.check(len(self.paths) > 0, "paths", "must list at least one path prefix")
+        for i, path in enumerate(self.paths):
+            p.request_path(f"paths[{i}]", path)
+            p.check("?" not in path and "#" not in path, f"paths[{i}]", "a prefix has no query")
+        p.raise_if_any()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     listen: HostPort = HostPort("0.0.0.0", 8080)
     admin: AdminConfig = AdminConfig()
-    upstreams: UpstreamsConfig  # the one required key
+    # The single-service form; with ``services`` it is None. Either way ``services`` holds
+    # every service after construction (this form is one service named "default").
+    upstreams: UpstreamsConfig | None = None
     health_check: HealthCheckConfig = HealthCheckConfig()
     routing: RoutingConfig = RoutingConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
@@ -385,6 +448,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     # Peers (e.g. a load balancer in front) whose incoming X-Forwarded-For is trusted.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    services: tuple[ServiceConfig, ...] = ()
+    default_service: str | None = None
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -393,4 +458,51 @@ class Config:
             "admin.listen",
             f"{self.admin.listen} collides with listen ({self.listen})",
         )
+        if self.upstreams is not None and self.services:
+            p.check(False, "services", "give either top-level upstreams or services, not both")
+        elif self.upstreams is None and not self.services:
+            p.check(False, "upstreams", "required: both blue and green (or services)")
+        elif self.upstreams is not None:
+            object.__setattr__(self, "services", (self._only_service(self.upstreams),))
+        names = [s.name for s in self.services]
+        for i, name in enumerate(names):
+            p.check(name not in names[:i], f"services.{name}", "defined twice")
+        if self.default_service is not None:
+            p.check(
+                self.default_service in names,
+                "default_service",
+                f"names no configured service: {self.default_service!r} "
+                f"(services: {', '.join(names)})",
+            )
+        for problem in claim_conflicts(self.services):
+            p.check(False, "services", problem)
         p.raise_if_any()
+
+    def _only_service(self, upstreams: UpstreamsConfig) -> ServiceConfig:
+        return ServiceConfig(
+            name=DEFAULT_SERVICE,
+            upstreams=upstreams,
+            **{key: getattr(self, key) for key in SERVICE_SECTIONS},
+        )
+
+    def service(self, name: str) -> ServiceConfig | None:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        return None
+
+
+def claim_conflicts(services: Iterable[ServiceConfig]) -> list[str]:
+    """Two services claiming the same host pattern and path prefix, each named once."""
+    owner: dict[tuple[str, str], str] = {}
+    problems = []
+    for svc in services:
+        for host in svc.hosts:
+            for path in svc.paths:
+                key = (host, normalize_path(path))
+                first = owner.setdefault(key, svc.name)
+                if first != svc.name:
+                    problems.append(
+                        f"{first} and {svc.name} both claim host {host!r} path {key[1]!r}"
+                    )
+    return problems

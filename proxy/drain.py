@@ -23,7 +23,7 @@ from proxy.websocket import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
-    from proxy.server import ProxyServer
+    from proxy.service import Service
 
 log = logging.getLogger("bgproxy.drain")
 
@@ -69,8 +69,8 @@ class Drain:
 
 
 class DrainController:
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    def __init__(self, service: Service) -> None:
+        self.service = service
         self.drain = Drain()
         self._task: asyncio.Task[None] | None = None
         self._handoffs: dict[Exchange, list[asyncio.TimerHandle]] = {}
@@ -91,26 +91,26 @@ class DrainController:
     def start(self, color: Color, new: RoutingState) -> None:
         if self._task is not None:
             self._task.cancel()
-        server = self.server
+        service = self.service
         d = self.drain = Drain()
         d.color = color
         d.state = "draining"
         d.started_at = time.time()
-        d.deadline = d.started_at + server.config.drain.timeout
-        self._task = server.spawn(
-            self._run(color, server.config.drain.timeout), name=f"drain-{color.value}"
+        d.deadline = d.started_at + service.config.drain.timeout
+        self._task = service.spawn(
+            self._run(color, service.config.drain.timeout), name=f"drain-{color.value}"
         )
         self._schedule_handoffs(color, new.active, new.reason or "switch")
 
     async def _run(self, color: Color, timeout: float) -> None:
-        server = self.server
+        service = self.service
         try:
             async with asyncio.timeout(timeout):
-                await server.wait_color_idle(color)
+                await service.wait_color_idle(color)
         except TimeoutError:
-            self.drain.forced = server.end_stragglers(color)
+            self.drain.forced = service.end_stragglers(color)
         self._end_drain(forced=self.drain.forced > 0)
-        server.close_idle_upstreams(color)
+        service.close_idle_upstreams(color)
 
     def _end_drain(self, forced: bool) -> None:
         d = self.drain
@@ -122,11 +122,11 @@ class DrainController:
     # -- WebSocket handoff ----------------------------------------------------------------
 
     def _schedule_handoffs(self, color: Color, new_color: Color, reason: str) -> None:
-        cfg = self.server.config.websocket
+        cfg = self.service.config.websocket
         lo, hi = cfg.reconnect_window
         message = render_message(cfg.reconnect_message, new_color, reason)
-        loop = self.server.loop
-        for conn in list(self.server.tunnels):
+        loop = self.service.loop
+        for conn in list(self.service.tunnels):
             if conn.color is not color or conn.ws is None or conn in self._handoffs:
                 continue
             at = random.uniform(lo, hi)
@@ -154,7 +154,7 @@ class DrainController:
             conn.ws.close(
                 code, "service restart" if code == CLOSE_SERVICE_RESTART else "going away"
             )
-            conn.ws_close_started(self.server.now)
+            conn.ws_close_started(self.service.now)
 
     def _cancel_handoffs(self, color: Color) -> None:
         for conn, handles in list(self._handoffs.items()):
@@ -172,9 +172,9 @@ class DrainController:
     def shutdown_websockets(self, new_color: Color) -> None:
         """Every WebSocket: the reconnect message now, then a 1001 close."""
         message = render_message(
-            self.server.config.websocket.reconnect_message, new_color, "shutdown"
+            self.service.config.websocket.reconnect_message, new_color, "shutdown"
         )
-        for conn in list(self.server.tunnels):
+        for conn in list(self.service.tunnels):
             self.forget(conn)
             ws = conn.ws
             if ws is None:
@@ -186,7 +186,7 @@ class DrainController:
                 if conn.color is not None:
                     self.reconnects_sent[conn.color] += 1
             ws.close(CLOSE_GOING_AWAY, "going away")
-            conn.ws_close_started(self.server.now)
+            conn.ws_close_started(self.service.now)
 
     def close(self) -> None:
         for handles in self._handoffs.values():

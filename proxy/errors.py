@@ -42,6 +42,7 @@ class Reply(enum.Enum):
 
     BAD_REQUEST = (400, "Bad Request", "bad request\n")
     BAD_OVERRIDE = (400, "Bad Request", "invalid color override: use blue or green\n")
+    NOT_FOUND = (404, "Not Found", "no service for this host and path\n")
     REQUEST_TIMEOUT = (408, "Request Timeout", "request timeout\n")
     PAYLOAD_TOO_LARGE = (413, "Content Too Large", "request body too large\n")
     URI_TOO_LONG = (414, "URI Too Long", "request target too long\n")

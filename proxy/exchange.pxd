@@ -1,6 +1,7 @@
 # Static types for the compiled build of exchange.py (see setup.py).
 
 from proxy.server cimport ProxyServer
+from proxy.service cimport Service
 from proxy.upstream cimport UpstreamConnection
 from proxy.websocket cimport WebSocketRelay
 
@@ -38,6 +39,7 @@ cdef class Exchange:
     cdef public str peer
     cdef public int phase
     cdef public ProxyServer server
+    cdef public Service service
     cdef public object settings
     cdef public object transport
     cdef public UpstreamConnection up

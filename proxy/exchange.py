@@ -29,6 +29,7 @@ from proxy.websocket import WebSocketRelay
 if TYPE_CHECKING:
     from proxy.pools import Upstream
     from proxy.server import ProxyServer
+    from proxy.service import Service
     from proxy.settings import Settings
     from proxy.upstream import UpstreamConnection
 
@@ -44,10 +45,12 @@ class Exchange:
         "_head", "_head_bytes", "_headers", "_method", "_paused", "_queue", "_req_done",
         "_response_started", "_started", "_status", "_trailers", "_tunnel", "_up_out",
         "_upgrade", "_url", "_websocket", "_xff_line", "closing", "color", "deadline", "http11",
-        "parser", "peer", "phase", "server", "settings", "transport", "up", "upstream", "ws",
+        "parser", "peer", "phase", "server", "service", "settings", "transport", "up", "upstream",
+        "ws",
     )  # fmt: skip
 
     server: ProxyServer
+    service: Service | None  # the service the current request was matched to
     settings: Settings
     parser: httptools.HttpRequestParser | None
     transport: asyncio.Transport | None
@@ -137,7 +140,8 @@ class Exchange:
 
     def ws_close_started(self, now: float) -> None:
         # Our close frame is out: the client gets a bounded time to answer it.
-        self.deadline = now + max(1.0, self.server.config.websocket.close_grace)
+        assert self.service is not None
+        self.deadline = now + max(1.0, self.service.config.websocket.close_grace)
 
     def _connect_and_send(self, upstream: Upstream | None) -> None:
         if upstream is None:
@@ -161,16 +165,17 @@ class Exchange:
 
     async def _connect(self, upstream: Upstream) -> None:
         try:
-            conn = await self.server.cpool.connect(upstream)
+            conn = await self.server.cpool.connect(upstream, self.settings.connect_timeout)
         except UpstreamError as exc:
             self._connecting = None
-            self.server.note_connect_failure(upstream, exc)
+            service = self.service
+            assert service is not None
+            service.note_connect_failure(upstream, exc)
             if self.phase == CLOSED:
                 return
-            if self._method in IDEMPOTENT and self._attempts < len(
-                self.server.pools[upstream.color].upstreams
-            ):
-                other = self.server.pools[upstream.color].pick(exclude=upstream)
+            pool = service.pools[upstream.color]
+            if self._method in IDEMPOTENT and self._attempts < len(pool.upstreams):
+                other = pool.pick(exclude=upstream)
                 if other is not None and other is not upstream:
                     self._connect_and_send(other)
                     return
@@ -199,7 +204,7 @@ class Exchange:
         self._response_started = True
         self.phase = STREAM
         self.deadline = self.server.now + self.settings.upstream_response_timeout
-        self.server.record_response(self.color, status, monotonic() - self._started)
+        self.service.record_response(self.color, status, monotonic() - self._started)  # type: ignore[union-attr,arg-type]
 
     def response_extra(self) -> bytes:
         return self._extra
@@ -242,7 +247,7 @@ class Exchange:
             self._connect_and_send(self.upstream)
             return
         kind = exc.kind if isinstance(exc, UpstreamError) else "protocol"
-        self.server.note_upstream_error(self.color, kind)
+        self.service.note_upstream_error(self.color, kind)  # type: ignore[union-attr,arg-type]
         if isinstance(exc, UpstreamError):
             self._fail(exc)
         else:
@@ -254,8 +259,8 @@ class Exchange:
         self._tunnel = True
         if self._websocket:
             self.ws = WebSocketRelay(self, conn)
-        assert self.color is not None
-        self.server.tunnel_opened(self)
+        assert self.color is not None and self.service is not None
+        self.service.tunnel_opened(self)
         buf = self._body_buf
         self._body_buf = None
         if buf:
@@ -298,7 +303,7 @@ class Exchange:
             return
         reply = reply_for(exc)
         if self.color is not None:
-            self.server.record_response(
+            self.service.record_response(  # type: ignore[union-attr]
                 self.color, reply.status, monotonic() - self._started
             )
         self._reply(reply)
@@ -324,11 +329,12 @@ class Exchange:
     def _end_exchange(self, aborted: bool) -> None:
         if self._active:
             self._active = False
-            if self.color is not None:
+            service = self.service
+            if self.color is not None and service is not None:
                 if self._tunnel:
-                    self.server.tunnel_closed(self)
+                    service.tunnel_closed(self)
                 else:
-                    self.server.end_request(self.color)
+                    service.end_request(self.color)
 
     def _flush_upstream(self, out: list[bytes]) -> None:
         self._up_out = None

@@ -4,9 +4,10 @@ Each round GETs ``health_check.path`` on every target of both colors at once (an
 within ``timeout`` passes) and feeds the result to ``record_result``; the request path
 feeds connect failures to the same rule (``ProxyServer.note_connect_failure``). A target
 flips after ``healthy_threshold`` / ``unhealthy_threshold`` consecutive results; the
-pools skip unhealthy ones. Each round reads ``server.pools`` and ``server.config`` anew,
-so a reload's targets and settings apply from the next round, and ``UpstreamStats``
-(kept by URL) carry a surviving target's state across it.
+pools skip unhealthy ones. One checker serves every service of the process, each at its
+own ``health_check.interval``; each round reads the services, their pools and config
+anew, so a reload's services, targets and settings apply from the next round, and
+``UpstreamStats`` (kept by URL per service) carry a surviving target's state across it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from proxy.pools import Upstream, UpstreamStats
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
+    from proxy.service import Service
 
 log = logging.getLogger("bgproxy.health")
 
@@ -58,6 +60,7 @@ class HealthChecker:
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.rounds = 0
+        self._due: dict[str, float] = {}  # service -> loop time of its next round
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -91,20 +94,31 @@ class HealthChecker:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            services = self.server.services
+            due = [svc for name, svc in services.items() if self._due.get(name, 0.0) <= started]
             try:
-                await self.check_all()
+                await self.check_all(due)
             except Exception:
                 log.exception("health check round failed")
             # Fixed rate, not fixed delay: a slow target does not stretch the period.
-            interval = self.server.config.health_check.interval
-            await asyncio.sleep(max(0.0, started + interval - loop.time()))
+            for svc in due:
+                self._due[svc.name] = started + svc.config.health_check.interval
+            self._due = {name: at for name, at in self._due.items() if name in services}
+            wake = min(self._due.values(), default=started + 1.0)
+            await asyncio.sleep(max(0.0, wake - loop.time()))
 
-    async def check_all(self) -> None:
-        """One round: every target of both colors, concurrently."""
-        cfg = self.server.config.health_check
-        targets = [u for pool in self.server.pools.values() for u in pool.upstreams]
-        results = await asyncio.gather(*(self._check(u, cfg) for u in targets))
-        for up, error in zip(targets, results, strict=True):
+    async def check_all(self, services: list[Service] | None = None) -> None:
+        """One round: every target of both colors of ``services`` (all), concurrently."""
+        if services is None:
+            services = list(self.server.services.values())
+        checks = [
+            (up, svc.config.health_check)
+            for svc in services
+            for pool in svc.pools.values()
+            for up in pool.upstreams
+        ]
+        results = await asyncio.gather(*(self._check(up, cfg) for up, cfg in checks))
+        for (up, cfg), error in zip(checks, results, strict=True):
             record_result(up.stats, error is None, cfg, error)
         self.rounds += 1
 

@@ -15,11 +15,13 @@ cdef bytes _SPECIAL_HINTS
 
 from proxy.http1 cimport connection_close, field_kind, head_end, is_lower, line_end, token_end
 from proxy.pools cimport Pool
+from proxy.service cimport Service
 from proxy.router cimport route
 
 
 cdef class ClientConnection(Exchange):
     cdef _reset_request(self)
+    cdef Service _match_service(self, bytes host, bytes url)
     @cython.locals(start=Py_ssize_t, i=Py_ssize_t, url_end=Py_ssize_t, line=Py_ssize_t, close=int,
                    name_end=Py_ssize_t, value=Py_ssize_t, kind=int, keep_alive=bint,
                    max_headers=Py_ssize_t, count=Py_ssize_t, run=Py_ssize_t, lines=list,
@@ -34,7 +36,7 @@ cdef class ClientConnection(Exchange):
                    te=bytes, upgrade_value=bytes, xff=bytes, ws_key=bytes, content_length=bytes,
                    trusted=bint, is_upgrade=bint)
     cdef _dispatch(self, bytes method, str version, bint keep_alive, bint upgrade)
-    @cython.locals(is_upgrade=bint, pool=Pool)
+    @cython.locals(is_upgrade=bint, pool=Pool, service=Service)
     cdef _route_and_send(self, bytes method, list lines, bytes host, bytes override,
                          bytes sticky, bytes token, bint upgrade, bytes upgrade_value,
                          bytes ws_key, bytes te, bytes content_length, bytes xff, forwarded)

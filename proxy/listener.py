@@ -64,6 +64,7 @@ from proxy.websocket import WebSocketRelay
 if TYPE_CHECKING:
     from proxy.pools import Upstream
     from proxy.server import ProxyServer
+    from proxy.service import Service
     from proxy.upstream import UpstreamConnection
 
 log = logging.getLogger("bgproxy.listener")
@@ -116,6 +117,7 @@ class ClientConnection(Exchange):
         self.up: UpstreamConnection | None = None
         self.upstream: Upstream | None = None
         self.color: Color | None = None
+        self.service: Service | None = None
         self._extra = b""
         self._method = b""
         self._head = b""
@@ -184,7 +186,8 @@ class ClientConnection(Exchange):
         if phase == HEAD:
             self._reply(Reply.REQUEST_TIMEOUT)
         elif phase == UPSTREAM and not self._response_started:
-            self.server.note_upstream_error(self.color, "timeout")
+            if self.service is not None and self.color is not None:
+                self.service.note_upstream_error(self.color, "timeout")
             self._fail(UpstreamTimeout("upstream response timed out"))
         elif self.transport is not None:
             self.transport.abort() if phase in (STREAM, UPSTREAM) else self.transport.close()
@@ -201,7 +204,13 @@ class ClientConnection(Exchange):
             return
         if phase == CLOSED:
             return
-        if phase == IDLE and _FAST and not self._head_bytes and self._queue is None:
+        if (
+            phase == IDLE
+            and _FAST
+            and not self._head_bytes
+            and self._queue is None
+            and self.settings.fast
+        ):
             end = head_end(data)
             if 0 < end <= self.settings.max_header_bytes - 4 and self._fast_request(data, end + 4):
                 if len(data) > end + 4 and self.phase != CLOSED:
@@ -329,6 +338,7 @@ class ClientConnection(Exchange):
         self._chunked = False
         self.phase = HEAD
         try:
+            self._match_service(host, self._url)
             self._route_and_send(
                 method, lines, host, None, None, None, False, None, None, None, None, None,
                 _NOTHING_FORWARDED,
@@ -463,6 +473,20 @@ class ClientConnection(Exchange):
 
     # -- dispatch -------------------------------------------------------------------------
 
+    def _match_service(self, host: bytes | None, url: bytes) -> Service:
+        """The service this request belongs to (404 if none); its settings apply from here."""
+        table = self.server.table
+        service = table.only
+        if service is None:
+            if url[:1] != b"/":
+                url = origin_form(url, host)
+            service = table.match(host, url)
+            if service is None:
+                raise Reject(Reply.NOT_FOUND)
+        self.service = service
+        self.settings = service.settings
+        return service
+
     def _dispatch(self, method: bytes, version: str, keep_alive: bool, upgrade: bool) -> None:
         server = self.server
         s = self.settings = server.settings
@@ -471,6 +495,16 @@ class ClientConnection(Exchange):
         self.http11 = version == "1.1"
         if method == b"CONNECT":
             raise Reject(Reply.NOT_IMPLEMENTED)
+        if server.table.only is None:
+            # The service names the override and sticky fields: find it by Host first.
+            first_host = None
+            for name, value in self._headers:
+                if len(name) == 4 and name.lower() == b"host":
+                    first_host = value
+                    break
+            s = self._match_service(first_host, self._url).settings
+        else:
+            s = self._match_service(None, self._url).settings
         if (
             self._head_bytes > s.max_header_bytes
             and sum(len(n) + len(v) + 4 for n, v in self._headers) + len(self._url)
@@ -595,7 +629,6 @@ class ClientConnection(Exchange):
     ) -> None:
         """The request's head is read: route it from one snapshot, finish the upstream
         head (``lines`` so far: request line and forwarded fields) and send it."""
-        server = self.server
         s = self.settings
         if override is None and sticky is None:
             attrs = NO_ATTRS
@@ -608,7 +641,9 @@ class ClientConnection(Exchange):
                 allowed,
                 sticky.decode("latin-1") if sticky is not None else None,
             )
-        state = server.store.snapshot()
+        service = self.service
+        assert service is not None
+        state = service.store.snapshot()
         decision = route(attrs, state, roll_dice())
         if decision is REJECT:
             raise Reject(Reply.BAD_OVERRIDE)
@@ -616,7 +651,7 @@ class ClientConnection(Exchange):
         assert color is not None
         self.color = color
         self._extra = (s.sticky_extra if decision.set_sticky else s.color_extra)[color]
-        server.begin_request(color)
+        service.begin_request(color)
         self._active = True
         # Not loop.time(): uvloop's clock counts whole milliseconds.
         self._started = monotonic()
@@ -635,7 +670,7 @@ class ClientConnection(Exchange):
         self._websocket = (
             is_upgrade and upgrade_value is not None and (upgrade_value.lower() == b"websocket")
         )
-        pool = server.pools[color]
+        pool = service.pools[color]
         upstream = pool.pick()
         if host is None and upstream is not None:
             lines += (b"Host: ", upstream.host_header, b"\r\n")  # HTTP/1.0 without Host
@@ -684,6 +719,7 @@ class ClientConnection(Exchange):
         self._head_bytes = 0
         self._trailers = None
         self.color = None
+        self.service = None
         self.upstream = None
         self._extra = b""
         self._body_bytes = 0

@@ -494,7 +494,7 @@ class RedisStateStore:
                 log.debug("pub/sub on %s lost (%s); resubscribing", self.url, _reason(exc))
             finally:
                 with contextlib.suppress(*REDIS_DOWN):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, 2.0)
 

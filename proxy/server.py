@@ -1,7 +1,8 @@
-"""The data-plane runtime: listener, pools, per-color counters and the coarse sweeper.
+"""The data-plane runtime: listeners, connections, the upstream connection pool, the
+coarse clock and sweeper, and the services (proxy/service.py) with their per-color state.
 
-``ProxyServer`` owns everything the request path touches. The admin side reads it
-(``status``) and writes routing state only through the ``StateStore``.
+The admin side reads the services (``status``) and writes routing state only through
+each service's ``StateStore``.
 """
 
 from __future__ import annotations
@@ -19,29 +20,18 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from config import Config
-from proxy.drain import DrainController
-from proxy.errors import UpstreamError
-from proxy.health import record_result
+from proxy.hosts import ServiceTable
 from proxy.http1 import assert_c_parser
 from proxy.phases import IDLE
-from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
+from proxy.service import Service
 from proxy.settings import Settings, build_settings
-from proxy.state import COLORS, Color, StateStore
-from proxy.stats import Traffic
+from proxy.state import StateStore
 from proxy.upstream import ConnectionPool
 
 if TYPE_CHECKING:
-    from proxy.exchange import Exchange
     from proxy.listener import ClientConnection
 
 log = logging.getLogger("bgproxy.server")
-
-
-def pool_targets(config: Config) -> dict[Color, list[tuple[str, str, int]]]:
-    return {
-        Color.BLUE: [(t.url, t.host, t.port) for t in config.upstreams.blue.targets],
-        Color.GREEN: [(t.url, t.host, t.port) for t in config.upstreams.green.targets],
-    }
 
 
 def _sweep_tick(config: Config) -> float:
@@ -72,39 +62,25 @@ def _untrack_transports(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class ProxyServer:
-    # Compiled as a C type (server.pxd): the request path's counters are C calls.
-    def __init__(self, config: Config, store: StateStore) -> None:
+    # Compiled as a C type (server.pxd).
+    def __init__(self, config: Config, stores: dict[str, StateStore]) -> None:
         assert_c_parser()
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.settings: Settings = build_settings(config)
-        self.store = store
-        self.registry = StatsRegistry()
-        self.pools: dict[Color, Pool] = build_pools(pool_targets(config), self.registry)
         self.cpool = ConnectionPool(config.timeouts.connect, config.timeouts.upstream_keepalive)
         self.connections: set[ClientConnection] = set()
         self.now = self.loop.time()  # coarse clock, advanced by the sweeper
         self.stopping = False
-        self.in_flight: dict[Color, int] = dict.fromkeys(COLORS, 0)
-        self.websockets: dict[Color, int] = dict.fromkeys(COLORS, 0)
-        # Plain counters; the metrics layer reads them at scrape time.
-        # Responses per color and status: a dict per color, no tuple key per request.
-        self.status_counts: dict[Color, dict[int, int]] = {c: {} for c in COLORS}
-        self.upstream_errors: Counter[tuple[Color, str]] = Counter()
-        # Per-color requests/errors/latency for rollback and /status (proxy/stats.py).
-        self.traffic = Traffic(self.loop.time())
-        self._traffic = self.traffic.colors
         self.started_at = time.time()
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._tick = _sweep_tick(config)
-        self._idle: asyncio.Event | None = None
         self._bad_requests: Counter[int] = Counter()
         self._bad_logged_at = 0.0
-        self._color_idle: dict[Color, asyncio.Event | None] = dict.fromkeys(COLORS)
-        self.tunnels: set[Exchange] = set()
-        self.drain = DrainController(self)
-        store.add_listener(self.drain.on_state_change)
+        self.services: dict[str, Service] = {}
+        self.table: ServiceTable[Service] = ServiceTable((), None)
+        self.apply_config(config, stores)
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -165,7 +141,8 @@ class ProxyServer:
                     log.exception("deadline handling failed")
             self.cpool.sweep(time.monotonic())
             self._log_bad_requests(now)
-            self.traffic.sample(now)
+            for svc in self.services.values():
+                svc.traffic.sample(now)
 
     async def stop_accepting(self) -> None:
         """Refuse new connections; idle keep-alive ones close, busy ones after their response."""
@@ -178,32 +155,19 @@ class ProxyServer:
                 conn.close()
 
     async def wait_idle(self) -> None:
-        """Until no request is in flight and no tunnel is open (an event, not a poll)."""
-        while any(self.in_flight.values()) or self.tunnels:
-            self._idle = asyncio.Event()
-            await self._idle.wait()
-
-    async def wait_color_idle(self, color: Color) -> None:
-        while self.in_flight[color]:
-            ev = self._color_idle[color] = asyncio.Event()
-            await ev.wait()
-
-    def end_stragglers(self, color: Color) -> int:
-        """Cut the requests still running on ``color`` at its drain deadline; how many."""
-        n = 0
-        for conn in list(self.connections):
-            if conn.active_on(color):
-                n += 1
-                conn.abort()
-        return n
-
-    def close_idle_upstreams(self, color: Color) -> None:
-        self.cpool.close_idle({u.url for u in self.pools[color].upstreams})
+        """Until no request is in flight and no tunnel is open in any service (an event set
+        by the services' counters, not a poll)."""
+        while any(svc.busy() for svc in self.services.values()):
+            idle = asyncio.Event()
+            for svc in self.services.values():
+                svc.idle = idle
+            await idle.wait()
 
     async def shutdown(self, timeout: float) -> None:
         """Graceful stop: no new connections, requests finish, WebSockets told and closed."""
         await self.stop_accepting()
-        self.drain.shutdown_websockets(self.store.snapshot().active)
+        for svc in self.services.values():
+            svc.drain.shutdown_websockets(svc.store.snapshot().active)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.wait_idle()
@@ -211,7 +175,8 @@ class ProxyServer:
     async def close(self) -> None:
         """Stop everything now: listeners, client and upstream connections, tasks."""
         await self.stop_accepting()
-        self.drain.close()
+        for svc in self.services.values():
+            svc.drain.close()
         for conn in list(self.connections):
             conn.abort()
         self.cpool.close_all()
@@ -228,76 +193,38 @@ class ProxyServer:
 
     # -- reload ---------------------------------------------------------------------------
 
-    def apply_config(self, config: Config) -> None:
-        """Swap pools, timeouts and the rest; routing state and connections stay."""
-        old_urls = {u.url for p in self.pools.values() for u in p.upstreams}
+    def apply_config(self, config: Config, stores: dict[str, StateStore] | None = None) -> None:
+        """Swap services, pools, timeouts and the rest; the routing state, counters and
+        connections of every kept service stay. A new service needs its store in
+        ``stores``; a removed one's requests in flight finish on the objects they hold."""
+        stores = stores or {}
+        gone: set[str] = set()
+        services: dict[str, Service] = {}
+        for svc_config in config.services:
+            settings = build_settings(config, svc_config)
+            svc = self.services.get(svc_config.name)
+            if svc is None:
+                svc = Service(self, svc_config, settings, stores[svc_config.name])
+            else:
+                gone |= svc.apply_config(svc_config, settings)
+            services[svc.name] = svc
+        for name, svc in self.services.items():
+            if name not in services:
+                gone |= svc.urls()
         self.config = config
         self.settings = build_settings(config)
-        self.pools = build_pools(pool_targets(config), self.registry)
-        new_urls = {u.url for p in self.pools.values() for u in p.upstreams}
+        self.services = services
+        default = services[config.default_service] if config.default_service else None
+        self.table = ServiceTable(
+            ((svc, svc.config.hosts, svc.config.paths) for svc in services.values()), default
+        )
         self.cpool.connect_timeout = config.timeouts.connect
         self.cpool.keepalive = config.timeouts.upstream_keepalive
-        self.cpool.close_idle(old_urls - new_urls)
+        still = {u for svc in services.values() for u in svc.urls()}
+        self.cpool.close_idle(gone - still)
         self._tick = _sweep_tick(config)
 
     # -- counters (called from the request path: keep them trivial) ------------------------
-
-    def begin_request(self, color: Color) -> None:
-        self.in_flight[color] += 1
-
-    def end_request(self, color: Color) -> None:
-        n = self.in_flight[color] = self.in_flight[color] - 1
-        if n == 0:
-            self._now_idle(color)
-
-    def _now_idle(self, color: Color) -> None:
-        ev = self._color_idle[color]
-        if ev is not None:
-            ev.set()
-        if self._idle is not None:
-            self._idle.set()
-
-    def mirror_counts(self, in_flight: dict[Color, int], websockets: dict[Color, int]) -> None:
-        """A supervisor's totals of its workers' counts (it serves nothing itself), so that
-        ``/status``, metrics and the drain see the workers' traffic."""
-        for color in COLORS:
-            self.in_flight[color] = in_flight[color]
-            self.websockets[color] = websockets[color]
-            if in_flight[color] == 0:
-                self._now_idle(color)
-
-    def tunnel_opened(self, conn: Exchange) -> None:
-        color = conn.color
-        assert color is not None
-        self.tunnels.add(conn)
-        self.websockets[color] += 1
-        self.end_request(color)  # a tunnel is a connection, not a request in flight
-
-    def tunnel_closed(self, conn: Exchange) -> None:
-        self.tunnels.discard(conn)
-        self.drain.forget(conn)
-        if conn.color is not None:
-            self.websockets[conn.color] -= 1
-        if self._idle is not None:
-            self._idle.set()
-
-    def record_response(self, color: Color | None, status: int, latency: float) -> None:
-        if color is not None:
-            counts = self.status_counts[color]
-            counts[status] = counts.get(status, 0) + 1
-            traffic = self._traffic[color]
-            traffic.record(status, latency)
-
-    @property
-    def responses(self) -> Counter[tuple[Color, int]]:
-        """Responses by (color, status), for metrics and the workers' reports."""
-        return Counter(
-            {(c, s): n for c, counts in self.status_counts.items() for s, n in counts.items()}
-        )
-
-    def add_responses(self, color: Color, status: int, n: int) -> None:
-        counts = self.status_counts[color]
-        counts[status] = counts.get(status, 0) + n
 
     def note_bad_request(self, status: int) -> None:
         self._bad_requests[status] += 1
@@ -309,25 +236,3 @@ class ProxyServer:
             log.warning("rejected client requests in the last period: %s", summary)
             self._bad_requests.clear()
             self._bad_logged_at = now
-
-    def note_upstream_error(self, color: Color | None, kind: str) -> None:
-        if color is not None:
-            self.upstream_errors[color, kind] += 1
-
-    def note_connect_failure(self, upstream: Upstream, exc: UpstreamError) -> None:
-        self.upstream_errors[upstream.color, exc.kind] += 1
-        # Passive marking: a refused connect counts like a failed health check.
-        record_result(upstream.stats, False, self.config.health_check, exc.kind)
-
-    # -- status ---------------------------------------------------------------------------
-
-    def colors_status(self) -> dict[str, Any]:
-        return {
-            color.value: {
-                "healthy": pool.healthy,
-                "in_flight": self.in_flight[color],
-                "websockets": self.websockets[color],
-                "targets": [{"url": u.url, "healthy": u.stats.healthy} for u in pool.upstreams],
-            }
-            for color, pool in self.pools.items()
-        }

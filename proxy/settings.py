@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
-from config import Config
+from config import Config, ServiceConfig
 from proxy.state import COLORS, Color
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,6 +37,9 @@ class Settings:
     # cookie for weighted picks.
     color_extra: dict[Color, bytes]
     sticky_extra: dict[Color, bytes]
+    # The plain-head reader declines a request carrying the override header before it
+    # knows the service; it can only do so when every service names the same header.
+    fast: bool = True
 
     def is_trusted(self, peer: str) -> bool:
         if not self.trusted:
@@ -56,9 +59,14 @@ def _trusted(peer: str, nets: tuple[IPNetwork, ...]) -> bool:
 OVERRIDE_TOKEN_HEADER = b"x-bg-override-token"
 
 
-def build_settings(config: Config, environ: dict[str, str] | None = None) -> Settings:
+def build_settings(
+    config: Config, service: ServiceConfig | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """The settings of ``service`` (its routing and upstream timeouts over the top-level
+    connection limits), or the top-level ones that apply before a request has a service."""
     env = os.environ if environ is None else environ
-    routing = config.routing
+    routing = (service or config).routing
+    per_service = (service or config).timeouts
     token: bytes | None = None
     if routing.override_token_env:
         # A configured but empty/unset token must not open overrides to everyone.
@@ -81,9 +89,9 @@ def build_settings(config: Config, environ: dict[str, str] | None = None) -> Set
         sticky_cookie=routing.sticky_cookie.encode(),
         response_header=routing.response_header.encode() if routing.response_header else None,
         request_header_timeout=t.request_header,
-        upstream_response_timeout=t.upstream_response,
+        upstream_response_timeout=per_service.upstream_response,
         idle_timeout=t.idle,
-        connect_timeout=t.connect,
+        connect_timeout=per_service.connect,
         trusted=tuple(config.trusted_proxies),
         color_extra=color_extra,
         sticky_extra={
@@ -92,4 +100,5 @@ def build_settings(config: Config, environ: dict[str, str] | None = None) -> Set
             % (routing.sticky_cookie.encode(), c.value.encode())
             for c in COLORS
         },
+        fast=len({svc.routing.override_header.lower() for svc in config.services}) <= 1,
     )

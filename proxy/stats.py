@@ -11,9 +11,12 @@ uses a short ring of samples the server's sweeper takes about once a second.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from proxy._hotpath import KIND
 from proxy.state import COLORS, Color
@@ -29,6 +32,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 _BOUNDS = LATENCY_BUCKETS  # typed in stats.pxd; LATENCY_BUCKETS stays importable
 _NBUCKETS = len(_BOUNDS)
+HISTORY_EVERY = 5.0
+HISTORY_KEEP = 600.0
 _COMPILED = KIND == "compiled"
 
 
@@ -145,6 +150,12 @@ class Traffic:
     def __init__(self, now: float, sample_every: float = 1.0, keep: float = 15.0) -> None:
         self.colors: dict[Color, ColorTraffic] = {c: ColorTraffic() for c in COLORS}
         self.sample_every = sample_every
+        # The dashboard's charts on a fresh page load: figures every HISTORY_EVERY seconds
+        # for the last HISTORY_KEEP, as (wall-clock time, per-color figures).
+        self.history: deque[tuple[float, dict[str, dict[str, float | None]]]] = deque(
+            maxlen=int(HISTORY_KEEP / HISTORY_EVERY)
+        )
+        self._history_at = now
         # Seeded with an all-zero sample so a window exists from the start.
         self._samples: deque[dict[Color, Sample]] = deque(
             [{c: t.snapshot(now) for c, t in self.colors.items()}],
@@ -158,6 +169,23 @@ class Traffic:
         """Take a sample if the last one is ``sample_every`` old (called by a coarse timer)."""
         if now - self._samples[-1][Color.BLUE].at >= self.sample_every:
             self._samples.append({c: t.snapshot(now) for c, t in self.colors.items()})
+        if now - self._history_at >= HISTORY_EVERY:
+            self._history_at = now
+            figures = self.status(now, HISTORY_EVERY)
+            self.history.append((time.time(), figures))
+
+    def history_dict(self) -> dict[str, Any]:
+        """``GET /history``: the kept points, oldest first."""
+        return {
+            "interval": HISTORY_EVERY,
+            "points": [
+                {
+                    "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
+                    **{c: {k: f[k] for k in ("rps", "error_rate", "p99")} for c, f in figs.items()},
+                }
+                for at, figs in self.history
+            ],
+        }
 
     def window(self, color: Color, seconds: float, now: float) -> Window:
         """Traffic of ``color`` from the newest sample at least ``seconds`` old (or the

@@ -565,11 +565,13 @@ class ConnectionPool:
                 return conn
         return None
 
-    async def connect(self, upstream: Upstream) -> UpstreamConnection:
+    async def connect(
+        self, upstream: Upstream, timeout: float | None = None
+    ) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         conn = UpstreamConnection(self, upstream)
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout or self.connect_timeout):
                 await loop.create_connection(
                     lambda: cast(asyncio.Protocol, conn), upstream.host, upstream.port
                 )

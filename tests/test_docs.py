@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from config import Config, HostPort, SmokeProbe, TargetConfig, parse_config
+from config import Config, HostPort, ServiceConfig, SmokeProbe, TargetConfig, parse_config
+from config.schema import SERVICE_SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "config-reference.md"
@@ -31,6 +32,19 @@ def schema_keys(cls: type[Any] = Config, prefix: str = "") -> dict[str, Any]:
     for f in dataclasses.fields(cls):
         path, hint = prefix + f.name, hints[f.name]
         default: Any = REQUIRED if f.default is dataclasses.MISSING else f.default
+        if cls is ServiceConfig:
+            if f.name == "name":
+                continue  # the service's key in the `services` mapping
+            if f.name in SERVICE_SECTIONS:
+                keys[path] = "top-level"  # the section, overriding the top-level one
+                continue
+        optional = [a for a in typing.get_args(hint) if a is not type(None)]
+        if f.name == "upstreams" and len(optional) == 1:
+            hint = optional[0]  # the single-service form: required unless `services`
+        if hint is ServiceConfig or typing.get_args(hint)[:1] == (ServiceConfig,):
+            keys[path] = default
+            keys.update(schema_keys(ServiceConfig, path + ".<name>."))
+            continue
         if dataclasses.is_dataclass(hint) and hint not in VALUE_CLASSES:
             assert isinstance(hint, type)
             keys.update(schema_keys(hint, path + "."))

@@ -252,7 +252,7 @@ async def test_an_instance_that_does_not_apply_is_named_after_the_bounded_wait(
     pair: tuple[Proxy, Proxy], redis_server: RedisServer
 ) -> None:
     a, _ = pair
-    a.run.control.propagation_timeout = 0.5
+    a.run.control.only.propagation_timeout = 0.5
     stuck = {"id": "stuck-1", "host": "elsewhere", "generation": 1, "last_seen": time.time()}
     async with Redis.from_url(redis_server.url()) as r:
         await r.set("bgproxy:instance:stuck-1", json.dumps(stuck), px=5000)

@@ -149,8 +149,8 @@ async def test_warmup_requests_reach_the_target_and_are_not_counted(
     assert body["traffic"]["green"]["rps"] == 0
     async with proxy.session.get(proxy.admin_url + "/metrics") as resp:
         text = await resp.text()
-    assert 'bgproxy_requests_total{color="green"' not in text
-    assert 'bgproxy_request_duration_seconds_count{color="green"} 0.0' in text
+    assert 'bgproxy_requests_total{service="default",color="green"' not in text
+    assert 'bgproxy_request_duration_seconds_count{color="green",service="default"} 0.0' in text
 
 
 async def test_failing_warmup_refuses_the_switch(

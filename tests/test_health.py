@@ -190,12 +190,12 @@ async def test_connect_failures_on_the_request_path_mark_a_target_unhealthy(
     s = await status(proxy)
     assert target_health(s, "blue", dead) is False
     assert target_health(s, "blue", live.url) is True
-    errors_before = proxy.run.server.upstream_errors.copy()
+    errors_before = proxy.run.server.services["default"].upstream_errors.copy()
     for i in range(5):
         code, _, _ = await proxy.get(f"/q{i}")
         assert code == 200
     # Out of rotation: no more connects to it.
-    assert proxy.run.server.upstream_errors == errors_before
+    assert proxy.run.server.services["default"].upstream_errors == errors_before
 
 
 async def test_reload_keeps_health_of_kept_targets(

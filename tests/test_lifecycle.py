@@ -176,7 +176,7 @@ async def test_request_durations_are_timed_finer_than_uvloops_millisecond_clock(
                     assert r.status == 200
             async with s.get(p.admin_url + "/metrics") as r:
                 text = await r.text()
-        prefix = 'bgproxy_request_duration_seconds_sum{color="blue"} '
+        prefix = 'bgproxy_request_duration_seconds_sum{color="blue",service="default"} '
         total = next(float(line[len(prefix) :]) for line in text.splitlines()
                      if line.startswith(prefix))  # fmt: skip
         assert total > 0

@@ -11,19 +11,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import Proxy, StartProxy, Upstream, config_dict, dead_address, start_upstream
 
 SPEC_METRICS = {
-    "bgproxy_requests_total": ("counter", {"color", "code"}),
-    "bgproxy_request_duration_seconds": ("histogram", {"color"}),
-    "bgproxy_in_flight_requests": ("gauge", {"color"}),
-    "bgproxy_websocket_connections": ("gauge", {"color"}),
-    "bgproxy_websocket_reconnects_sent_total": ("counter", {"color"}),
-    "bgproxy_upstream_errors_total": ("counter", {"color", "kind"}),
-    "bgproxy_upstream_healthy": ("gauge", {"color", "target"}),
-    "bgproxy_active_color": ("gauge", {"color"}),
-    "bgproxy_weight": ("gauge", {"color"}),
-    "bgproxy_state_generation": ("gauge", set()),
-    "bgproxy_switches_total": ("counter", {"trigger"}),
-    "bgproxy_auto_rollbacks_total": ("counter", set()),
-    "bgproxy_state_store_available": ("gauge", set()),
+    "bgproxy_requests_total": ("counter", {"service", "color", "code"}),
+    "bgproxy_request_duration_seconds": ("histogram", {"service", "color"}),
+    "bgproxy_in_flight_requests": ("gauge", {"service", "color"}),
+    "bgproxy_websocket_connections": ("gauge", {"service", "color"}),
+    "bgproxy_websocket_reconnects_sent_total": ("counter", {"service", "color"}),
+    "bgproxy_upstream_errors_total": ("counter", {"service", "color", "kind"}),
+    "bgproxy_upstream_healthy": ("gauge", {"service", "color", "target"}),
+    "bgproxy_active_color": ("gauge", {"service", "color"}),
+    "bgproxy_weight": ("gauge", {"service", "color"}),
+    "bgproxy_state_generation": ("gauge", {"service"}),
+    "bgproxy_switches_total": ("counter", {"service", "trigger"}),
+    "bgproxy_auto_rollbacks_total": ("counter", {"service"}),
+    "bgproxy_state_store_available": ("gauge", {"service"}),
 }
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -45,6 +45,7 @@ async def scrape(proxy: Proxy, token: str | None = None) -> tuple[str, Samples, 
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
+    labels.setdefault("service", "default")  # the single-service form's one service
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
@@ -70,7 +71,7 @@ async def test_every_spec_metric_with_its_labels(
         assert value(samples, "bgproxy_upstream_healthy", color=color, target=url) == 1
         assert value(samples, "bgproxy_in_flight_requests", color=color) == 0
         for kind in ("connect", "timeout", "protocol"):
-            key = ("bgproxy_upstream_errors_total", frozenset({("color", color), ("kind", kind)}))
+            key = ("bgproxy_upstream_errors_total", frozenset({("service", "default"), ("color", color), ("kind", kind)}))
             assert key in samples  # every kind is exported, at 0 until it happens
             assert value(samples, "bgproxy_upstream_errors_total", color=color, kind=kind) == 0
 

@@ -219,9 +219,9 @@ async def test_error_rate_rolls_back_within_two_intervals(
         "min_requests": 10,
         "failure_limit": 1,
     }
-    assert await metric(proxy, "bgproxy_auto_rollbacks_total") == 1
-    assert await metric(proxy, 'bgproxy_switches_total{trigger="auto"}') == 1
-    assert await metric(proxy, 'bgproxy_switches_total{trigger="manual"}') == 1
+    assert await metric(proxy, 'bgproxy_auto_rollbacks_total{service="default"}') == 1
+    assert await metric(proxy, 'bgproxy_switches_total{service="default",trigger="auto"}') == 1
+    assert await metric(proxy, 'bgproxy_switches_total{service="default",trigger="manual"}') == 1
 
 
 async def test_too_little_traffic_is_inconclusive(
@@ -237,7 +237,7 @@ async def test_too_little_traffic_is_inconclusive(
     assert s["rollback"]["last"]["verdict"] == "inconclusive"
     assert s["active"] == "green"
     assert await auto_events(proxy) == []
-    assert await metric(proxy, "bgproxy_auto_rollbacks_total") == 0
+    assert await metric(proxy, 'bgproxy_auto_rollbacks_total{service="default"}') == 0
 
 
 async def test_slow_green_rolls_back_on_p99(
@@ -334,8 +334,8 @@ async def test_changes_made_elsewhere_are_classified_by_their_event(
     """A write by another instance reaches this one as a bare snapshot: its event in the
     shared store says whether it was a switch (watch), a rollback or an auto rollback."""
     proxy = await start(start_proxy, upstreams, min_requests=1000)
-    store = proxy.run.control.store
-    rollback = proxy.run.control.rollback
+    store = proxy.run.control.only.store
+    rollback = proxy.run.control.only.rollback
     assert rollback is not None
 
     async def write(new: RoutingState, action: str, trigger: str, reason: str) -> None:
