@@ -29,7 +29,7 @@ from admin.workers import (
     START_TIMEOUT,
     encode_line,
 )
-from config import Config, HostPort
+from config import Config, ConfigError, HostPort, load_config
 from proxy.redis_store import decode_event, encode_event
 from proxy.state import (
     COLORS,
@@ -444,5 +444,17 @@ async def supervise(config: Config, path: str, workers: int) -> int:
 
 def _reload(run: Running, path: str, pool: WorkerPool) -> None:
     # Validated here first: a bad file is rejected once, and workers keep their config.
+    try:
+        names = [svc.name for svc in load_config(path).services]
+    except ConfigError:
+        names = []  # reload_config logs the errors
+    if names and names != list(run.server.services):
+        log.error(
+            "reload rejected, keeping the running config: with --workers the services "
+            "cannot change (running %s, file has %s)",
+            ", ".join(run.server.services),
+            ", ".join(names),
+        )
+        return
     if reload_config(run, path):
         pool.signal_all(signal.SIGHUP)

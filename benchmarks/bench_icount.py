@@ -86,17 +86,35 @@ def wait_listening(port: int, timeout: float = 60.0) -> None:
             time.sleep(0.3)
 
 
+def pools_yaml(target: str, indent: str) -> str:
+    return "".join(f'{indent}{c}: {{ targets: ["{target}"] }}\n' for c in ("blue", "green"))
+
+
 def count(
-    base: Path, up_port: int, build: str, requests: int, connections: int, close: bool = False
+    base: Path,
+    up_port: int,
+    build: str,
+    requests: int,
+    connections: int,
+    close: bool = False,
+    services: int = 1,
 ) -> int:
-    """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown."""
+    """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown.
+    With ``services`` > 1, the requests' Host is claimed by the last of that many services
+    (each of the others claims a Host of its own), so every request is matched."""
     port, admin_port = free_port(), free_port()
     conf = base / f"bgproxy-{build}-{requests}.yaml"
     target = f"http://127.0.0.1:{up_port}"
-    conf.write_text(
-        f'listen: "127.0.0.1:{port}"\nadmin: {{ listen: "127.0.0.1:{admin_port}" }}\n'
-        f'upstreams:\n  blue: {{ targets: ["{target}"] }}\n  green: {{ targets: ["{target}"] }}\n'
-    )
+    text = f'listen: "127.0.0.1:{port}"\nadmin: {{ listen: "127.0.0.1:{admin_port}" }}\n'
+    if services > 1:
+        text += "services:\n"
+        for i in range(services):
+            name, host = ("bench", "bench") if i == services - 1 else (f"s{i}", f"s{i}.test")
+            text += f'  {name}:\n    hosts: ["{host}"]\n    upstreams:\n'
+            text += pools_yaml(target, "      ")
+    else:
+        text += "upstreams:\n" + pools_yaml(target, "  ")
+    conf.write_text(text)
     out = base / f"callgrind-{build}-{requests}.out"
     env = {k: v for k, v in os.environ.items() if k not in ("BGPROXY_PURE_PYTHON",)}
     env["BGPROXY_LOG_LEVEL"] = "WARNING"
@@ -145,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         default="keepalive",
         help="close: a new connection per request (Connection: close)",
     )
+    p.add_argument(
+        "--services", type=int, default=1, help="configure this many services (Host routing)"
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     ensure_tools(["nginx"])
@@ -173,11 +194,22 @@ def main(argv: list[str] | None = None) -> int:
                 # The lower of two start-ups: one once came out 85M instructions (8.5k per
                 # request) higher than usual, which a single baseline would have credited
                 # to the requests.
-                idles = [count(base, upstream.port, build, 0, args.connections) for _ in "ab"]
+                idles = [
+                    count(base, upstream.port, build, 0, args.connections, False, args.services)
+                    for _ in "ab"
+                ]
                 idle = min(idles)
                 log(f"{build}: start-up alone {idles[0]:,} and {idles[1]:,}")
                 close = args.mode == "close"
-                busy = count(base, upstream.port, build, args.requests, args.connections, close)
+                busy = count(
+                    base,
+                    upstream.port,
+                    build,
+                    args.requests,
+                    args.connections,
+                    close,
+                    args.services,
+                )
                 per = (busy - idle) / args.requests
                 results[build] = {"startup": idle, "total": busy, "per_request": per}
                 rows.append([build, f"{args.requests:,}", f"{idle:,}", f"{busy:,}", f"{per:,.0f}"])
@@ -186,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             servers.stop_all()
     print()
     how = "a new connection each" if args.mode == "close" else "keep-alive"
-    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream")
+    svcs = f", {args.services} services" if args.services > 1 else ""
+    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}")
     print_rows(["build", "requests", "instr start+stop", "instr total", "instr/request"], rows)
     if len(results) == 2:
         ratio = results["compiled"]["per_request"] / results["python"]["per_request"]

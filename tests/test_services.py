@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -481,3 +482,16 @@ async def test_a_redis_fleet_keeps_one_record_per_service(
         ("api", "switch"),
         ("shop", "weights"),
     ]
+
+
+async def test_workers_refuse_several_services_with_a_reason(apps: Apps, tmp_path: Path) -> None:
+    path = tmp_path / "bgproxy.yaml"
+    services = {"shop": {"hosts": ["shop.test"]}, "api": {"hosts": ["api.test"]}}
+    path.write_text(yaml.safe_dump(service_config(apps, services), sort_keys=False))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "admin.cli", "serve", "-c", str(path), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert "several services need --workers 1" in err.decode()
