@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -68,30 +69,34 @@ def listen_sockets(listen: HostPort, n: int) -> list[socket.socket]:
     return socks
 
 
+class SlotService:
+    """What one worker process last reported of one service."""
+
+    def __init__(self) -> None:
+        self.acked = 0  # generation the running process has reported applied
+        self.in_flight: dict[str, int] = dict.fromkeys((c.value for c in COLORS), 0)
+        self.websockets: dict[str, int] = dict.fromkeys((c.value for c in COLORS), 0)
+        self.seen: dict[tuple[str, ...], Any] = {}  # its cumulative counters, last report
+
+
 class Slot:
     """One worker position: its socket outlives the processes that serve it."""
 
-    def __init__(self, index: int, sock: socket.socket, ident: str) -> None:
+    def __init__(self, index: int, sock: socket.socket, ident: str, services: list[str]) -> None:
         self.index = index
         self.sock = sock
         self.id = ident
         self.proc: asyncio.subprocess.Process | None = None
         self.writer: asyncio.StreamWriter | None = None
-        self.acked = 0  # generation the running process has reported applied
-        self.in_flight: dict[str, int] = dict.fromkeys((c.value for c in COLORS), 0)
-        self.websockets: dict[str, int] = dict.fromkeys((c.value for c in COLORS), 0)
+        self.services = {name: SlotService() for name in services}
         self.last_seen = 0.0
         self.ready = False  # reported at least once since it was started
-        self.seen: dict[tuple[str, ...], Any] = {}  # its cumulative counters, last report
 
     def reset(self) -> None:
         self.proc = self.writer = None
-        self.acked = 0
         self.ready = False
-        self.seen = {}  # a new process counts from zero
-        for counts in (self.in_flight, self.websockets):
-            for key in counts:
-                counts[key] = 0
+        # A new process counts from zero.
+        self.services = {name: SlotService() for name in self.services}
 
 
 class WorkerPool:
@@ -106,13 +111,12 @@ class WorkerPool:
         on_ack: Callable[[], None] = lambda: None,
     ) -> None:
         self.run = run
-        # One service: supervise refuses several (see there).
-        self.store: StateStore = run.control.only.store
-        self.server = run.control.only.service
+        self.controls = dict(run.control.services)
         self.path = config_path
         self.identity = identity
         self.on_ack = on_ack
-        self.slots = [Slot(i, s, f"{identity.id}/w{i}") for i, s in enumerate(socks)]
+        names = list(self.controls)
+        self.slots = [Slot(i, s, f"{identity.id}/w{i}", names) for i, s in enumerate(socks)]
         self.stopping = False
         self.started = False  # every worker has served once: from now on, deaths restart
         self._acked = asyncio.Event()
@@ -120,7 +124,8 @@ class WorkerPool:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def __aenter__(self) -> WorkerPool:
-        self.store.add_listener(self._push)
+        for name, control in self.controls.items():
+            control.store.add_listener(functools.partial(self._push, name))
         for slot in self.slots:
             self._spawn(self._keep_running(slot), f"worker-{slot.index}")
         try:
@@ -143,29 +148,35 @@ class WorkerPool:
 
     # -- what the admin API asks -------------------------------------------------------------
 
-    def instances(self) -> list[dict[str, Any]]:
+    def instances(self, service: str) -> list[dict[str, Any]]:
         out = []
         for slot in self.slots:
             if slot.proc is None:
                 continue
             record = self.identity.record(f"/w{slot.index}", pid=slot.proc.pid)
+            seen = slot.services[service]
             out.append(
                 {
                     **record,
                     "worker": slot.index,
-                    "generation": slot.acked,  # 0 until it has reported
-                    "in_flight": dict(slot.in_flight),
-                    "websockets": dict(slot.websockets),
+                    "generation": seen.acked,  # 0 until it has reported
+                    "in_flight": dict(seen.in_flight),
+                    "websockets": dict(seen.websockets),
                     "last_seen": slot.last_seen or time.time(),
                 }
             )
         return out
 
-    async def wait_applied(self, generation: int, timeout: float) -> list[str]:
-        """Until every running worker acknowledged ``generation`` (event-driven, bounded)."""
+    async def wait_applied(self, service: str, generation: int, timeout: float) -> list[str]:
+        """Until every running worker acknowledged ``service``'s ``generation``
+        (event-driven, bounded)."""
         deadline = time.monotonic() + timeout
         while True:
-            lagging = [s.id for s in self.slots if s.proc is not None and s.acked < generation]
+            lagging = [
+                s.id
+                for s in self.slots
+                if s.proc is not None and s.services[service].acked < generation
+            ]
             left = deadline - time.monotonic()
             if not lagging or left <= 0:
                 return lagging
@@ -198,8 +209,8 @@ class WorkerPool:
         self._acked.set()
         self._acked = asyncio.Event()
 
-    def _push(self, old: RoutingState, new: RoutingState) -> None:
-        line = encode_line({"t": "state", "state": new.to_dict()})
+    def _push(self, service: str, old: RoutingState, new: RoutingState) -> None:
+        line = encode_line({"t": "state", "svc": service, "state": new.to_dict()})
         for slot in self.slots:
             if slot.writer is not None and not slot.writer.is_closing():
                 slot.writer.write(line)
@@ -274,7 +285,9 @@ class WorkerPool:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=CHANNEL_LIMIT)
         slot.proc, slot.writer = proc, writer
-        writer.write(encode_line({"t": "state", "state": self.store.snapshot().to_dict()}))
+        for name, control in self.controls.items():
+            state = control.store.snapshot().to_dict()
+            writer.write(encode_line({"t": "state", "svc": name, "state": state}))
         try:
             while line := await reader.readline():
                 try:
@@ -290,15 +303,20 @@ class WorkerPool:
     def _handle(self, slot: Slot, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
         if kind == "report":
-            generation = int(msg["generation"])
-            changed = generation != slot.acked or not slot.ready
-            slot.acked = generation
-            slot.in_flight.update(msg["in_flight"])
-            slot.websockets.update(msg["websockets"])
+            changed = not slot.ready
+            for name, report in msg["services"].items():
+                seen = slot.services.get(name)
+                if seen is None:
+                    continue
+                generation = int(report["generation"])
+                changed = changed or generation != seen.acked
+                seen.acked = generation
+                seen.in_flight.update(report["in_flight"])
+                seen.websockets.update(report["websockets"])
+                self._merge_stats(name, seen, report.get("stats"))
             slot.last_seen = time.time()
             slot.ready = True
             self._update_totals()
-            self._merge_stats(slot, msg.get("stats"))
             if changed:
                 self._acknowledged()
                 self.on_ack()
@@ -309,19 +327,21 @@ class WorkerPool:
 
     def _update_totals(self) -> None:
         live = [s for s in self.slots if s.proc is not None]
-        in_flight = {c: sum(s.in_flight[c.value] for s in live) for c in COLORS}
-        websockets = {c: sum(s.websockets[c.value] for s in live) for c in COLORS}
-        self.server.mirror_counts(in_flight, websockets)
+        for name, control in self.controls.items():
+            seen = [s.services[name] for s in live]
+            in_flight = {c: sum(r.in_flight[c.value] for r in seen) for c in COLORS}
+            websockets = {c: sum(r.websockets[c.value] for r in seen) for c in COLORS}
+            control.service.mirror_counts(in_flight, websockets)
 
-    def _merge_stats(self, slot: Slot, stats: dict[str, Any] | None) -> None:
+    def _merge_stats(self, name: str, seen: SlotService, stats: dict[str, Any] | None) -> None:
         """Add what a worker counted since its last report to the supervisor's counters."""
         if not stats:
             return
-        server, seen = self.server, slot.seen
+        server, last = self.controls[name].service, seen.seen
 
         def delta(key: tuple[str, ...], total: Any) -> Any:
-            before = seen.get(key, 0)
-            seen[key] = total
+            before = last.get(key, 0)
+            last[key] = total
             return total - before
 
         for c, status, n in stats["responses"]:
@@ -344,10 +364,16 @@ class WorkerPool:
         if slot.writer is not None and not slot.writer.is_closing():
             slot.writer.write(encode_line({"t": "reply", "id": rid, **body}))
 
+    def _store(self, msg: dict[str, Any]) -> StateStore:
+        control = self.controls.get(str(msg.get("svc")))
+        if control is None:
+            raise StateError(f"no service named {msg.get('svc')!r}")
+        return control.store
+
     async def _answer_cas(self, slot: Slot, msg: dict[str, Any]) -> None:
         try:
             new = RoutingState.from_dict(msg["state"])
-            state = await self.store.compare_and_set(
+            state = await self._store(msg).compare_and_set(
                 int(msg["expected"]), new, decode_event(msg["event"])
             )
         except StateError as exc:
@@ -357,7 +383,7 @@ class WorkerPool:
 
     async def _answer_events(self, slot: Slot, msg: dict[str, Any]) -> None:
         try:
-            items = await self.store.events(int(msg["limit"]))
+            items = await self._store(msg).events(int(msg["limit"]))
         except StateError as exc:
             self._reply(slot, msg["id"], {"ok": False, "error": exc.code, "detail": str(exc)})
             return
@@ -365,20 +391,22 @@ class WorkerPool:
 
 
 class WorkerFleet:
-    """The supervisor's fleet: its workers, and with Redis every other instance too."""
+    """The supervisor's fleet for one service: its workers, and with Redis every other
+    instance too."""
 
-    def __init__(self, pool: WorkerPool, inner: Fleet) -> None:
+    def __init__(self, pool: WorkerPool, inner: Fleet, service: str) -> None:
         self.pool = pool
         self.inner = inner
+        self.service = service
         if isinstance(inner, RedisFleet):
             # The supervisor serves nothing: its workers are the instances it registers.
-            inner.set_local(pool.instances)
-            pool.on_ack = inner.kick
+            inner.set_local(functools.partial(pool.instances, service))
+            pool.on_ack = _chain(pool.on_ack, inner.kick)
 
     def instances(self) -> list[dict[str, Any]]:
         if isinstance(self.inner, RedisFleet):
             return self.inner.instances()
-        return [present(r) for r in self.pool.instances()]
+        return [present(r) for r in self.pool.instances(self.service)]
 
     def store_status(self) -> dict[str, Any]:
         return {**self.inner.store_status(), "workers": len(self.pool.slots)}
@@ -391,7 +419,7 @@ class WorkerFleet:
 
     async def wait_applied(self, generation: int, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
-        lagging = await self.pool.wait_applied(generation, timeout)
+        lagging = await self.pool.wait_applied(self.service, generation, timeout)
         if isinstance(self.inner, RedisFleet):
             left = max(0.0, deadline - time.monotonic())
             others = await self.inner.wait_applied(generation, left)
@@ -399,15 +427,15 @@ class WorkerFleet:
         return lagging
 
 
+def _chain(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        then()
+
+    return both
+
+
 async def supervise(config: Config, path: str, workers: int) -> int:
-    if len(config.services) > 1:
-        # The worker channel carries one routing state; several services' states and
-        # acknowledgements over it are not built yet.
-        raise StartupError(
-            f"--workers {workers}: several services need --workers 1 for now "
-            f"(services: {', '.join(s.name for s in config.services)})",
-            code=2,
-        )
     socks = listen_sockets(config.listen, workers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -417,7 +445,8 @@ async def supervise(config: Config, path: str, workers: int) -> int:
             control.ready = False  # until every worker serves
             pool = WorkerPool(run, path, socks, control.identity)
             async with pool:
-                control.only.fleet = WorkerFleet(pool, control.only.fleet)
+                for name, svc_control in control.services.items():
+                    svc_control.fleet = WorkerFleet(pool, svc_control.fleet, name)
                 control.ready = True
                 host, port = socks[0].getsockname()[:2]
                 ahost, aport = run.admin_address

@@ -1,4 +1,5 @@
-"""``bgproxy serve --workers N``: N data-plane processes on one port, one routing state.
+"""``bgproxy serve --workers N``: N data-plane processes on one port, one routing state
+per service.
 
 This module is the worker side and the channel protocol; the supervisor side is
 ``admin/supervisor.py``.
@@ -13,12 +14,13 @@ Each worker is a fresh interpreter (``python -m admin.workers``) that inherits i
 socket and one end of a socketpair: no fork of a running event loop. Over that channel,
 newline-delimited JSON:
 
-- supervisor → worker: ``state`` (every new snapshot, and the current one at start),
-  ``reply`` (to a request below);
-- worker → supervisor: ``report`` (the generation it has applied and its per-color
-  in-flight and WebSocket counts; sent at once after applying a snapshot, so it is
-  the acknowledgement, and every 250 ms), ``cas`` and ``events`` (a worker's own
-  writes, e.g. its automatic rollback, go through the supervisor's store).
+- supervisor → worker: ``state`` (a service's every new snapshot, and each service's
+  current one at start; ``svc`` names the service), ``reply`` (to a request below);
+- worker → supervisor: ``report`` (per service, the generation it has applied, its
+  per-color in-flight and WebSocket counts and its cumulative traffic counters; sent at
+  once after applying a snapshot, so it is the acknowledgement, and every 250 ms),
+  ``cas`` and ``events`` (a worker's own writes, e.g. its automatic rollback, go
+  through the supervisor's store of that ``svc``).
 
 An admin write answers once every running worker has acknowledged the new generation
 (or the bounded wait names the laggards). With ``state.backend: redis`` each worker is
@@ -50,6 +52,7 @@ from admin.runner import (
 )
 from config import Config, ConfigError, load_config
 from proxy.redis_store import decode_event, encode_event
+from proxy.server import ProxyServer
 from proxy.service import Service
 from proxy.state import (
     COLORS,
@@ -102,20 +105,16 @@ def _stats(server: Service) -> dict[str, Any]:
 
 
 class ChannelStore:
-    """A worker's ``StateStore``: snapshots pushed by the supervisor, writes sent to it."""
+    """A worker's ``StateStore`` of one service: snapshots pushed by the supervisor, writes
+    sent to it over the worker's one channel."""
 
     backend = "supervisor"
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    def __init__(self, channel: Channel, service: str) -> None:
+        self.channel = channel
+        self.service = service
         self._state: RoutingState | None = None
         self._listeners: list[Listener] = []
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._next_id = 0
-        self._server: Service | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.closed = asyncio.Event()  # the supervisor is gone
 
     def snapshot(self) -> RoutingState:
         if self._state is None:
@@ -124,7 +123,7 @@ class ChannelStore:
 
     @property
     def available(self) -> bool:
-        return not self.closed.is_set()
+        return not self.channel.closed.is_set()
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -133,25 +132,54 @@ class ChannelStore:
         self, expected_generation: int, new: RoutingState, event: Event
     ) -> RoutingState:
         msg = {"t": "cas", "expected": expected_generation, "state": new.to_dict()}
-        reply = await self._request({**msg, "event": encode_event(event)})
+        reply = await self.channel.request(self.service, {**msg, "event": encode_event(event)})
         state = RoutingState.from_dict(reply["state"])
-        self._apply(state)
+        self.apply(state)
         return state
 
     async def events(self, limit: int) -> list[Event]:
-        reply = await self._request({"t": "events", "limit": limit})
+        reply = await self.channel.request(self.service, {"t": "events", "limit": limit})
         return [decode_event(raw) for raw in reply["events"]]
 
+    def apply(self, new: RoutingState) -> None:
+        old = self._state
+        if old is not None and new.generation <= old.generation:
+            return
+        self._state = new
+        if old is not None:
+            for listener in self._listeners:
+                try:
+                    listener(old, new)
+                except Exception:
+                    log.exception("state listener failed")
+            self.channel.report()  # the acknowledgement the supervisor's admin call waits for
+
+
+class Channel:
+    """A worker's end of its channel to the supervisor: one ``ChannelStore`` per service."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, services: list[str]
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.stores = {name: ChannelStore(self, name) for name in services}
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 0
+        self._server: ProxyServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed = asyncio.Event()  # the supervisor is gone
+
     async def wait_initial(self, timeout: float) -> None:
-        """Read the supervisor's first snapshot (before the data plane starts)."""
+        """Read the supervisor's first snapshot of every service (before the data plane)."""
         async with asyncio.timeout(timeout):
-            while self._state is None:
+            while any(store._state is None for store in self.stores.values()):
                 line = await self._reader.readline()
                 if not line:
                     raise StoreUnavailable("the supervisor closed the channel")
                 self._handle(json.loads(line))
 
-    def start(self, server: Service) -> None:
+    def start(self, server: ProxyServer) -> None:
         """The data plane is up: acknowledge, then follow the channel and report."""
         self._server = server
         self.report()
@@ -170,40 +198,29 @@ class ChannelStore:
         server = self._server
         if server is None or self._writer.is_closing():
             return
-        self._writer.write(
-            encode_line(
-                {
-                    "t": "report",
-                    "generation": self.snapshot().generation,
-                    "in_flight": _counts(server.in_flight),
-                    "websockets": _counts(server.websockets),
-                    "stats": _stats(server),
-                }
-            )
-        )
+        services = {
+            name: {
+                "generation": store.snapshot().generation,
+                "in_flight": _counts(server.services[name].in_flight),
+                "websockets": _counts(server.services[name].websockets),
+                "stats": _stats(server.services[name]),
+            }
+            for name, store in self.stores.items()
+            if name in server.services
+        }
+        self._writer.write(encode_line({"t": "report", "services": services}))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _apply(self, new: RoutingState) -> None:
-        old = self._state
-        if old is not None and new.generation <= old.generation:
-            return
-        self._state = new
-        if old is not None:
-            for listener in self._listeners:
-                try:
-                    listener(old, new)
-                except Exception:
-                    log.exception("state listener failed")
-            self.report()  # the acknowledgement the supervisor's admin call waits for
-
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg.get("t")
         if kind == "state":
-            self._apply(RoutingState.from_dict(msg["state"]))
+            store = self.stores.get(str(msg.get("svc")))
+            if store is not None:
+                store.apply(RoutingState.from_dict(msg["state"]))
         elif kind == "reply":
             fut = self._pending.pop(int(msg["id"]), None)
             if fut is not None and not fut.done():
@@ -226,14 +243,14 @@ class ChannelStore:
             await asyncio.sleep(REPORT_EVERY)
             self.report()
 
-    async def _request(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def request(self, service: str, msg: dict[str, Any]) -> dict[str, Any]:
         if self.closed.is_set():
             raise StoreUnavailable("the supervisor is gone")
         self._next_id += 1
         rid = self._next_id
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        self._writer.write(encode_line({**msg, "id": rid}))
+        self._writer.write(encode_line({**msg, "svc": service, "id": rid}))
         try:
             async with asyncio.timeout(5.0):
                 reply = await fut
@@ -251,28 +268,26 @@ async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) ->
     sock = socket.socket(fileno=listen_fd)
     chan = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=chan, limit=CHANNEL_LIMIT)
-    store = ChannelStore(reader, writer)
+    channel = Channel(reader, writer, [svc.name for svc in config.services])
     try:
-        await store.wait_initial(START_TIMEOUT)
+        await channel.wait_initial(START_TIMEOUT)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        # One service (supervise refuses several): the channel carries its state.
-        (service,) = config.services
-        stores: dict[str, StateStore] = {service.name: store}
+        stores: dict[str, StateStore] = dict(channel.stores)
         async with running(config, stores=stores, sock=sock, admin=False) as run:
-            store.start(run.server.services[service.name])
+            channel.start(run.server)
             settle_heap()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
-            orphaned = loop.create_task(store.closed.wait(), name="supervisor-gone")
+            orphaned = loop.create_task(channel.closed.wait(), name="supervisor-gone")
             stopped = loop.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait({orphaned, stopped}, return_when=asyncio.FIRST_COMPLETED)
             for task in (orphaned, stopped):
                 task.cancel()
             await graceful_stop(run, run.server.config.drain.timeout)
     finally:
-        await store.close()
+        await channel.close()
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +20,16 @@ from redis.asyncio import Redis
 
 from admin.runner import reload_config
 from config import ConfigError, parse_config
-from conftest import Proxy, RedisServer, StartProxy, Upstream, raw_exchange, start_upstream
+from conftest import (
+    Proxy,
+    ProxyProcess,
+    RedisServer,
+    StartProxy,
+    Upstream,
+    free_port,
+    raw_exchange,
+    start_upstream,
+)
 from proxy.hosts import ServiceTable
 
 Apps = dict[str, Upstream]  # "shop-blue" -> its app
@@ -484,14 +492,49 @@ async def test_a_redis_fleet_keeps_one_record_per_service(
     ]
 
 
-async def test_workers_refuse_several_services_with_a_reason(apps: Apps, tmp_path: Path) -> None:
+async def test_workers_apply_and_acknowledge_each_service_on_its_own(
+    apps: Apps, tmp_path: Path
+) -> None:
     path = tmp_path / "bgproxy.yaml"
     services = {"shop": {"hosts": ["shop.test"]}, "api": {"hosts": ["api.test"]}}
-    path.write_text(yaml.safe_dump(service_config(apps, services), sort_keys=False))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "admin.cli", "serve", "-c", str(path), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 2
-    assert "several services need --workers 1" in err.decode()
+    data = service_config(apps, services)
+    data["listen"] = f"127.0.0.1:{free_port()}"
+    data["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = ProxyProcess(path, "--workers", "2")
+    await proc.start()
+    try:
+        code, body = await proc.admin("POST", "/services/api/switch", {"color": "green"})
+        # Answered once both workers acknowledged api's new generation.
+        assert code == 200 and body["lagging"] == [] and body["service"] == "api"
+        assert [i["generation"] for i in body["instances"]] == [2, 2]
+        shop = (await proc.admin("GET", "/services/shop/status"))[1]
+        assert [i["generation"] for i in shop["instances"]] == [1, 1]
+
+        # New connections spread over both workers: every one routes by the new state.
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector) as s:
+
+            async def one(host: str) -> str:
+                async with s.get(proc.url, headers={"Host": host}) as r:
+                    return str((await r.json())["color"])
+
+            got = await asyncio.gather(*(one(h) for h in ("api.test", "shop.test") * 20))
+        assert set(got[0::2]) == {"api-green"} and set(got[1::2]) == {"shop-blue"}
+
+        # The supervisor's metrics count the workers' requests per service.
+        async def counted() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(proc.admin_url + "/metrics") as r:
+                text = await r.text()
+            return (
+                'bgproxy_requests_total{code="200",color="green",service="api"} 20.0' in text
+                and 'bgproxy_requests_total{code="200",color="blue",service="shop"} 20.0' in text
+            )
+
+        for _ in range(100):
+            if await counted():
+                break
+            await asyncio.sleep(0.05)
+        assert await counted()
+    finally:
+        await proc.stop()
