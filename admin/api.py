@@ -439,7 +439,12 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         return web.json_response(control.status())
 
     async def services(request: web.Request) -> web.Response:
-        return web.json_response({"services": [c.summary() for c in cp.services.values()]})
+        return web.json_response(
+            {
+                "services": [c.summary() for c in cp.services.values()],
+                "default_service": cp.server.config.default_service,
+            }
+        )
 
     async def commit(
         control: ServiceControl,

@@ -15,11 +15,10 @@ import time
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from proxy._hotpath import KIND
-from proxy.state import COLORS, Color
+from proxy.state import COLORS, Color, rfc3339
 
 # Upper bounds (seconds) of the latency buckets: 1-1.5-2-2.5-3-4-5-7.5 per decade keeps
 # every bucket within 50% of its lower bound, fine enough for a p99 against a threshold.
@@ -180,7 +179,7 @@ class Traffic:
             "interval": HISTORY_EVERY,
             "points": [
                 {
-                    "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds"),
+                    "at": rfc3339(at),
                     **{c: {k: f[k] for k in ("rps", "error_rate", "p99")} for c, f in figs.items()},
                 }
                 for at, figs in self.history

@@ -71,7 +71,8 @@ async def test_every_spec_metric_with_its_labels(
         assert value(samples, "bgproxy_upstream_healthy", color=color, target=url) == 1
         assert value(samples, "bgproxy_in_flight_requests", color=color) == 0
         for kind in ("connect", "timeout", "protocol"):
-            key = ("bgproxy_upstream_errors_total", frozenset({("service", "default"), ("color", color), ("kind", kind)}))
+            labels = {("service", "default"), ("color", color), ("kind", kind)}
+            key = ("bgproxy_upstream_errors_total", frozenset(labels))
             assert key in samples  # every kind is exported, at 0 until it happens
             assert value(samples, "bgproxy_upstream_errors_total", color=color, kind=kind) == 0
 
