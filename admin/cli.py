@@ -1,7 +1,9 @@
 """The ``bgproxy`` command: serve, check, demo, and operator commands against a running proxy.
 
 Exit codes scripts can trust: 0 ok, 1 the proxy refused (reason printed), 2 usage,
-config or connection error.
+config or connection error. A proxy fronting several services answers an unscoped
+command with 400 ``service_required``: that is a usage error (exit 2), like a missing
+argument, and ``status`` then prints the services so the next try can name one.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
 from admin.cli_output import (
     drain_line,
     format_events,
+    format_services,
     format_status,
     interval_line,
     rollback_line,
@@ -45,6 +49,12 @@ class Refused(Exception):
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default: Any = argparse.SUPPRESS if suppress else None
     parser.add_argument("--admin", default=default, help="admin API URL ($BGPROXY_ADMIN_URL)")
+    parser.add_argument(
+        "--service",
+        default=default,
+        metavar="NAME",
+        help="the service to act on, when the proxy fronts several ($BGPROXY_SERVICE)",
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -80,8 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a self-contained demo (sample apps + proxy)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--admin-port", type=int, default=9901)
-    p.add_argument("--app-ports", default="9001,9002", help="blue,green sample app ports")
+    p.add_argument(
+        "--app-ports",
+        default="9001,9002,9003,9004",
+        help="sample app ports: shop blue,shop green,api blue,api green "
+        "(with two, api's apps take free ports)",
+    )
 
+    p = sub.add_parser("services", help="list the services with their live color and traffic")
+    _common(p, suppress=True)
     p = sub.add_parser("status", help="show the routing state")
     _common(p, suppress=True)
     p = sub.add_parser("switch", help="make a color live")
@@ -102,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, suppress=True)
     p = sub.add_parser("rollback", help="restore the previous state")
     p.add_argument("--reason")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="roll back even right after an automatic rollback (back to the color that failed)",
+    )
     _common(p, suppress=True)
     p = sub.add_parser("events", help="show the audit trail")
     p.add_argument("--limit", type=_limit, default=20, metavar="N", help="newest N (1-1000)")
@@ -212,16 +234,35 @@ def _request(
     return status, payload
 
 
+def _service(args: argparse.Namespace) -> str | None:
+    name = getattr(args, "service", None) or os.environ.get("BGPROXY_SERVICE") or ""
+    return name.strip() or None
+
+
+def _scoped(args: argparse.Namespace, path: str) -> str:
+    """``/status`` -> ``/services/shop/status`` when a service is named, else unchanged."""
+    name = _service(args)
+    if name is None:
+        return path
+    return f"/services/{urllib.parse.quote(name, safe='')}{path}"
+
+
 def _refused(args: argparse.Namespace, status: int, payload: dict[str, Any]) -> int:
+    error = payload.get("error")
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(
-            f"refused ({status} {payload.get('error')}): {payload.get('detail')}",
-            file=sys.stderr,
-        )
-        if payload.get("error") == "gate_failed":
+        print(f"refused ({status} {error}): {payload.get('detail')}", file=sys.stderr)
+        if error == "gate_failed":
             print("  fix the cause and retry, or --force to skip the gates", file=sys.stderr)
+        elif error == "service_required":
+            print(
+                "  this proxy fronts several services: pass --service NAME "
+                "(or set $BGPROXY_SERVICE); `bgproxy services` lists them",
+                file=sys.stderr,
+            )
+        elif error == "unknown_service":
+            print("  `bgproxy services` lists the services this proxy fronts", file=sys.stderr)
         elif status == 401:
             print("  set $BGPROXY_ADMIN_TOKEN to the proxy's admin token", file=sys.stderr)
     return 2 if status in _USAGE_STATUSES else 1
@@ -233,8 +274,20 @@ def _checked(
     """The answer of a call that must succeed; a refusal ends the command with its code."""
     status, payload = _request(args, method, path, body)
     if status >= 400:
+        if payload.get("error") == "service_required" and args.command == "status":
+            _show_services_instead(args)
         raise Refused(_refused(args, status, payload))
     return payload
+
+
+def _show_services_instead(args: argparse.Namespace) -> None:
+    """``bgproxy status`` on a proxy with several services: show them all (stdout), so the
+    operator sees the state at a glance and which name to pass next time."""
+    if args.json:
+        return  # scripts get the error object alone, as for any refusal
+    status, payload = _request(args, "GET", "/services")
+    if status < 400 and isinstance(payload.get("services"), list):
+        print(format_services(payload["services"]))
 
 
 def _summary(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -245,19 +298,48 @@ def _summary(before: dict[str, Any], after: dict[str, Any]) -> str:
         return str(s.get("active"))
 
     gen_before, gen_after = before.get("generation"), after.get("generation")
+    service = after.get("service")
+    where = f"{service}: " if service and service != "default" else ""
     if gen_before == gen_after:
-        return f"nothing to change: {show(after)} is already live (generation {gen_after})"
-    return f"{show(before)} -> {show(after)}   (generation {gen_before} -> {gen_after})"
+        return f"{where}nothing to change: {show(after)} is already live (generation {gen_after})"
+    return f"{where}{show(before)} -> {show(after)}   (generation {gen_before} -> {gen_after})"
+
+
+def _guard_rollback(args: argparse.Namespace, before: dict[str, Any]) -> None:
+    """Right after an automatic rollback, ``/rollback`` would restore the state before it:
+    traffic back on the color that just failed. Ask for --force (as the dashboard
+    disables its button)."""
+    rb = before.get("rollback") or {}
+    if args.force or rb.get("state") != "rolled_back":
+        return
+    failed = rb.get("color") or "the failed color"
+    message = (
+        f"the last change was an automatic rollback of {failed}: rolling back now would "
+        f"send traffic back to {failed}, the color that just failed. "
+        f"Use `bgproxy switch {failed}` (its gates run) or `bgproxy rollback --force`."
+    )
+    if args.json:
+        print(json.dumps({"error": "rolled_back", "detail": message}, indent=2))
+    else:
+        print(f"refused: {message}", file=sys.stderr)
+    raise Refused(1)
 
 
 def _operator(args: argparse.Namespace) -> int:
     cmd = args.command
+    if cmd == "services":
+        payload = _checked(args, "GET", "/services")
+        if args.json:
+            print(json.dumps(payload, indent=2))
+        else:
+            print(format_services(payload.get("services") or []))
+        return 0
     if cmd == "status":
-        payload = _checked(args, "GET", "/status")
+        payload = _checked(args, "GET", _scoped(args, "/status"))
     elif cmd == "events":
-        payload = _checked(args, "GET", f"/events?limit={args.limit}")
+        payload = _checked(args, "GET", _scoped(args, f"/events?limit={args.limit}"))
     else:
-        before = _checked(args, "GET", "/status")
+        before = _checked(args, "GET", _scoped(args, "/status"))
         if cmd == "switch":
             body: dict[str, Any] = {"color": args.color}
             if args.force:
@@ -268,12 +350,13 @@ def _operator(args: argparse.Namespace) -> int:
             if args.force:
                 body["force"] = True
         elif cmd == "rollback":
+            _guard_rollback(args, before)
             body, path = {}, "/rollback"
         else:  # pragma: no cover - argparse rejects unknown commands
             raise CliError(f"unknown command {cmd}", 2)
         if getattr(args, "reason", None):
             body["reason"] = args.reason
-        payload = _checked(args, "POST", path, body)
+        payload = _checked(args, "POST", _scoped(args, path), body)
         if not args.json:
             print(_summary(before, payload))
         if cmd == "switch" and args.wait:
@@ -286,7 +369,7 @@ def _operator(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     elif cmd == "events":
-        print(format_events(payload.get("events", [])))
+        print(format_events(payload.get("events", []), with_service=_service(args) is None))
     else:
         print(format_status(payload))
     return 0
@@ -331,7 +414,7 @@ class Progress:
 
 
 def _auto_reason(args: argparse.Namespace, generation: Any) -> str:
-    status, payload = _request(args, "GET", "/events?limit=20")
+    status, payload = _request(args, "GET", _scoped(args, "/events?limit=20"))
     if status < 400:
         for event in payload.get("events", []):
             if event.get("trigger") == "auto" and event.get("generation") == generation:
@@ -392,7 +475,7 @@ def follow_switch(args: argparse.Namespace, color: str, after: dict[str, Any]) -
                     print(json.dumps(status, indent=2))
                 return 0
         time.sleep(_POLL_INTERVAL)
-        status = _checked(args, "GET", "/status")
+        status = _checked(args, "GET", _scoped(args, "/status"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -162,7 +162,11 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
     colors: dict[str, Any] = s.get("colors") or {}
     traffic: dict[str, Any] = s.get("traffic") or {}
     active = str(s.get("active") or "-")
-    lines = [
+    lines = []
+    service = s.get("service")
+    if service and service != "default":
+        lines.append(f"service     {service}")
+    lines += [
         f"active      {active.upper()}   (weights blue {w.get('blue')} / green {w.get('green')})",
         f"generation  {s.get('generation')}   previous {s.get('previous') or '-'}   "
         f"changed {when(s.get('changed_at'), now)}",
@@ -228,11 +232,16 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_events(events: list[dict[str, Any]]) -> str:
+def format_events(events: list[dict[str, Any]], with_service: bool = False) -> str:
+    """The audit trail; ``with_service`` adds a SERVICE column when the events span
+    services other than the single-service form's ``default``."""
     if not events:
         return "no events"
-    rows = [
-        [
+    names = {e.get("service") for e in events} - {None}
+    show_service = with_service and bool(names - {"default"})
+    rows = []
+    for e in events:
+        row = [
             str(e.get("at", "")),
             str(e.get("generation", "")),
             str(e.get("action", "")),
@@ -242,7 +251,93 @@ def format_events(events: list[dict[str, Any]]) -> str:
             str(e.get("actor") or "-"),
             str(e.get("reason") or ""),
         ]
-        for e in events
-    ]
+        if show_service:
+            row.insert(1, str(e.get("service") or "-"))
+        rows.append(row)
     headers = ["AT", "GEN", "ACTION", "FROM", "TO", "TRIGGER", "ACTOR", "REASON"]
-    return table(headers, rows, right=frozenset({1}))
+    if show_service:
+        headers.insert(1, "SERVICE")
+    return table(headers, rows, right=frozenset({2 if show_service else 1}))
+
+
+# --- services ------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def split(weights: dict[str, Any]) -> str:
+    """Weights as percentages, blue/green: ``100/0``, ``90/10``."""
+    blue = _number(weights.get("blue")) or 0.0
+    green = _number(weights.get("green")) or 0.0
+    total = blue + green
+    if total <= 0:
+        return "-"
+    share = round(100 * blue / total)
+    return f"{share}/{100 - share}"
+
+
+def service_traffic(traffic: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """One service's req/s (both colors), error rate (over both colors' requests) and p99
+    (the higher of the two colors': a percentile of the whole cannot be rebuilt)."""
+    per_color = [traffic.get(c) or {} for c in COLOR_NAMES]
+    rates = [r for r in (_number(t.get("rps")) for t in per_color) if r is not None]
+    rps = sum(rates) if rates else None
+    weighted = [
+        (_number(t.get("error_rate")), _number(t.get("requests")) or 0.0) for t in per_color
+    ]
+    requests = sum(n for e, n in weighted if e is not None)
+    if requests > 0:
+        errors: float | None = sum((e or 0.0) * n for e, n in weighted) / requests
+    else:
+        known = [e for e, _ in weighted if e is not None]
+        errors = max(known) if known else None
+    p99s = [p for p in (_number(t.get("p99")) for t in per_color) if p is not None]
+    return rps, errors, max(p99s) if p99s else None
+
+
+def service_notes(svc: dict[str, Any]) -> str:
+    """What needs an operator's eye: a drain, a rollback watch or rollback, a dead pool."""
+    notes = []
+    drain = svc.get("drain") or {}
+    if drain.get("state") == "draining":
+        notes.append(f"draining {drain.get('color') or '-'}")
+    rb = svc.get("rollback") or {}
+    if rb.get("state") == "watching":
+        notes.append(f"watching {rb.get('color') or '-'}")
+    elif rb.get("state") == "rolled_back":
+        notes.append(f"ROLLED BACK {rb.get('color') or '-'}")
+    healthy = svc.get("healthy") or {}
+    for color in COLOR_NAMES:
+        if healthy.get(color) is False:
+            notes.append(f"{color} UNHEALTHY")
+    return "; ".join(notes)
+
+
+def format_services(services: list[dict[str, Any]]) -> str:
+    """``bgproxy services``: one line per service, what ``GET /services`` says."""
+    if not services:
+        return "no services"
+    rows = []
+    for svc in services:
+        rps, errors, p99 = service_traffic(svc.get("traffic") or {})
+        rows.append(
+            [
+                str(svc.get("name", "?")),
+                ",".join(str(h) for h in svc.get("hosts") or []) or "-",
+                ",".join(str(p) for p in svc.get("paths") or []) or "-",
+                str(svc.get("active") or "-"),
+                split(svc.get("weights") or {}),
+                str(svc.get("generation", "-")),
+                rate(rps),
+                pct(errors),
+                latency(p99),
+                service_notes(svc),
+            ]
+        )
+    headers = ["SERVICE", "HOSTS", "PATHS", "LIVE", "SPLIT B/G", "GEN", "REQ/S", "ERRORS", "P99"]
+    headers.append("NOTES")
+    return table(headers, rows, right=frozenset({4, 5, 6, 7, 8}))

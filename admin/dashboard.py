@@ -1,9 +1,12 @@
 """The operator dashboard at the admin listener's ``/``: three static files, no build step.
 
-The page is one more client of the admin API, like the CLI: it polls ``GET /status`` and
-``GET /events`` and sends the same JSON ``POST``\\s with an ``Authorization: Bearer``
-header. The files themselves are public (a browser cannot attach a bearer header to a
-navigation) because they hold no state; every byte of state comes from the API, which
+The page is one more client of the admin API, like the CLI: an overview of every service
+(``GET /services``, ``GET /events``) and one view per service, chosen by the URL's hash
+(``/#/services/shop``: ``GET /services/shop/status``, ``.../events``, ``.../history``),
+sending the same JSON ``POST``\\s with an ``Authorization: Bearer`` header. Only ``/`` and
+the static files are served: the hash never reaches the server. The files themselves
+are public (a browser cannot attach a bearer header to a navigation) because they hold
+no state; every byte of state comes from the API, which
 keeps its own auth and origin checks. Nothing is fetched from a CDN, so the dashboard
 works on an air-gapped admin network.
 """

@@ -1,8 +1,10 @@
-"""``bgproxy demo``: two sample apps and the proxy in one process, nothing else needed.
+"""``bgproxy demo``: two services (``shop`` and ``api``, chosen by Host), each with a
+blue and a green sample app, and the proxy, in one process; nothing else needed.
 
-Green can be told to fail or to be slow (``POST /_demo/chaos?fail_rate=0.5&delay=0.3``
+``shop`` is the default service, so a plain ``curl http://127.0.0.1:8080/`` reaches it.
+A green app can be told to fail or to be slow (``POST /_demo/chaos?fail_rate=0.5&delay=0.3``
 on its port) to watch the automatic rollback; a light built-in load keeps the numbers
-moving.
+of both services moving.
 """
 
 from __future__ import annotations
@@ -67,73 +69,144 @@ def sample_app(color: str, version: str, chaos: Chaos) -> web.Application:
     return app
 
 
-def demo_config(port: int, admin_port: int, blue_port: int, green_port: int) -> dict[str, Any]:
+# The demo's two services, each fronted by its own blue and green sample app.
+SERVICES = ("shop", "api")
+
+
+def parse_app_ports(text: str) -> dict[str, tuple[int, int]]:
+    """``--app-ports``: shop blue, shop green, api blue, api green. With two, they are
+    shop's and api's apps take free ports (printed in the banner)."""
+    try:
+        ports = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError("--app-ports takes four ports (or two, for shop only)") from None
+    if len(ports) == 2:
+        ports += [0, 0]
+    if len(ports) != 4 or any(not 0 <= p <= 65535 for p in ports):
+        raise ValueError(
+            "--app-ports takes four ports: SHOP_BLUE,SHOP_GREEN,API_BLUE,API_GREEN "
+            "(or two, for shop only)"
+        )
+    return {"shop": (ports[0], ports[1]), "api": (ports[2], ports[3])}
+
+
+def demo_config(port: int, admin_port: int, apps: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """Two services behind one listener, chosen by Host; ``shop`` takes everything else."""
     return {
         "listen": f"127.0.0.1:{port}",
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
-        "upstreams": {
-            "blue": {"targets": [f"http://127.0.0.1:{blue_port}"]},
-            "green": {"targets": [f"http://127.0.0.1:{green_port}"]},
+        "services": {
+            name: {
+                "hosts": [f"{name}.localhost"],
+                "upstreams": {
+                    "blue": {"targets": [f"http://127.0.0.1:{blue}"]},
+                    "green": {"targets": [f"http://127.0.0.1:{green}"]},
+                },
+            }
+            for name, (blue, green) in apps.items()
         },
+        "default_service": "shop",
         "health_check": {"interval": "1s", "timeout": "500ms"},
         "websocket": {"reconnect_window": ["1s", "5s"]},
         "rollback": {"window": "2m", "interval": "5s", "min_requests": 10},
     }
 
 
-async def _load(url: str, rate: float, stop: asyncio.Event) -> None:
-    """Background traffic so the dashboard and the rollback watch have numbers."""
+async def _load(url: str, hosts: tuple[str, ...], rate: float, stop: asyncio.Event) -> None:
+    """Background traffic to every service, so the dashboard and the rollback watch have
+    numbers."""
     async with aiohttp.ClientSession() as session:
         while not stop.is_set():
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                    await resp.read()
+            for host in hosts:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(
+                        url, headers={"Host": host}, timeout=aiohttp.ClientTimeout(total=5)
+                    ) as resp:
+                        await resp.read()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1 / rate)
 
 
-async def run_demo(port: int, admin_port: int, app_ports: tuple[int, int], rate: float) -> int:
+async def _start_app(
+    runners: list[web.AppRunner], service: str, color: str, version: str, port: int
+) -> int:
+    runner = web.AppRunner(sample_app(color, f"{service} {version}", Chaos()), access_log=None)
+    await runner.setup()
+    runners.append(runner)
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(
+            f"--app-ports: cannot listen on 127.0.0.1:{port}: {exc.strerror}"
+        ) from exc
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else port
+
+
+def banner(proxy_url: str, admin_url: str, port: int, apps: dict[str, tuple[int, int]]) -> str:
+    admin = f"bgproxy --admin {admin_url}"
+    lines = [
+        "bgproxy demo is running: two services, shop and api, each with a blue and a green app",
+        f"  proxy      {proxy_url}/",
+        f"  dashboard  {admin_url}/",
+    ]
+    for name, (blue, green) in apps.items():
+        default = "   (the default service)" if name == "shop" else ""
+        lines += [
+            f"  {name:<11}http://{name}.localhost:{port}/{default}",
+            f"  {name + ' blue':<11}http://127.0.0.1:{blue}/",
+            f"  {name + ' green':<11}http://127.0.0.1:{green}/",
+        ]
+    api_green = apps["api"][1]
+    tries = [
+        (f"curl -H 'Host: shop.localhost' {proxy_url}/", "shop, picked by the Host header"),
+        (f"curl -H 'Host: api.localhost' {proxy_url}/", "api (browsers resolve *.localhost:"),
+        ("", f"open http://api.localhost:{port}/ as it is)"),
+        (f"curl {proxy_url}/", "no Host matches: the default service, shop"),
+        (f"curl -H 'X-Bg-Color: green' {proxy_url}/", "QA reaches shop's green"),
+        (f"{admin} services", "both services: live color, split, req/s"),
+        (f"{admin} switch green --reason 'release v2'", "shop (the default service)"),
+        (f"{admin} switch green --service api", "only api"),
+        (
+            f"curl -X POST 'http://127.0.0.1:{api_green}/_demo/chaos?fail_rate=0.5'",
+            "api's green fails: switch api to it, watch the rollback",
+        ),
+        (f"{admin} status --service api", ""),
+    ]
+    width = max(len(cmd) for cmd, _ in tries) + 3
+    lines += ["", "Try:"]
+    lines += [f"  {cmd:<{width}}# {note}".rstrip(" #") for cmd, note in tries]
+    lines += ["", "Ctrl-C stops everything."]
+    return "\n".join(lines)
+
+
+async def run_demo(
+    port: int, admin_port: int, app_ports: dict[str, tuple[int, int]], rate: float
+) -> int:
     runners: list[web.AppRunner] = []
     try:
-        for color, version, app_port in (
-            ("blue", "v1", app_ports[0]),
-            ("green", "v2", app_ports[1]),
-        ):
-            runner = web.AppRunner(sample_app(color, version, Chaos()), access_log=None)
-            await runner.setup()
-            runners.append(runner)
-            try:
-                await web.TCPSite(runner, "127.0.0.1", app_port).start()
-            except OSError as exc:
-                raise StartupError(
-                    f"--app-ports: cannot listen on 127.0.0.1:{app_port}: {exc.strerror}"
-                ) from exc
-        config = parse_config(demo_config(port, admin_port, *app_ports))
+        apps: dict[str, tuple[int, int]] = {}
+        for name in SERVICES:
+            blue, green = app_ports[name]
+            apps[name] = (
+                await _start_app(runners, name, "blue", "v1", blue),
+                await _start_app(runners, name, "green", "v2", green),
+            )
+        config = parse_config(demo_config(port, admin_port, apps))
         async with running(config) as run:
             _, pport = run.proxy_address
             _, aport = run.admin_address
             proxy_url = f"http://127.0.0.1:{pport}"
             admin_url = f"http://127.0.0.1:{aport}"
-            print(
-                f"bgproxy demo is running\n"
-                f"  proxy      {proxy_url}/\n"
-                f"  dashboard  {admin_url}/\n"
-                f"  blue app   http://127.0.0.1:{app_ports[0]}/\n"
-                f"  green app  http://127.0.0.1:{app_ports[1]}/\n"
-                f"\nTry:\n"
-                f"  curl -H 'X-Bg-Color: green' {proxy_url}/        # QA reaches green\n"
-                f"  bgproxy --admin {admin_url} switch green --reason 'release v2'\n"
-                f"  curl -X POST 'http://127.0.0.1:{app_ports[1]}/_demo/chaos?fail_rate=0.5'"
-                f"   # green fails: watch the rollback\n"
-                f"  bgproxy --admin {admin_url} status\n"
-                f"\nCtrl-C stops everything.",
-                flush=True,
-            )
+            print(banner(proxy_url, admin_url, pport, apps), flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            load = asyncio.create_task(_load(proxy_url + "/", rate, stop), name="demo-load")
+            hosts = tuple(f"{name}.localhost" for name in SERVICES)
+            load = asyncio.create_task(_load(proxy_url + "/", hosts, rate, stop), name="demo-load")
             await stop.wait()
             await load
             await run.server.shutdown(2.0)
@@ -146,12 +219,12 @@ async def run_demo(port: int, admin_port: int, app_ports: tuple[int, int], rate:
 
 def main_demo(port: int, admin_port: int, app_ports: str, rate: float = 5.0) -> int:
     try:
-        blue, green = (int(p) for p in app_ports.split(","))
-    except ValueError:
-        print("bgproxy: --app-ports takes two ports: BLUE,GREEN", file=sys.stderr)
+        apps = parse_app_ports(app_ports)
+    except ValueError as exc:
+        print(f"bgproxy: {exc}", file=sys.stderr)
         return 2
     try:
-        return run_loop(run_demo(port, admin_port, (blue, green), rate))
+        return run_loop(run_demo(port, admin_port, apps, rate))
     except (StartupError, ConfigError) as exc:
         print(f"bgproxy: {exc}", file=sys.stderr)
         return getattr(exc, "code", 2)

@@ -20,9 +20,7 @@ from conftest import Proxy, StartProxy, Upstream, config_dict, dead_address, sta
 
 async def bgproxy(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run the CLI as a process; the proxy under test keeps serving on this loop meanwhile."""
-    base = {
-        k: v for k, v in os.environ.items() if k not in ("BGPROXY_ADMIN_TOKEN", "BGPROXY_ADMIN_URL")
-    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -255,6 +253,177 @@ async def test_switch_wait_exits_1_when_rolled_back(start_proxy: StartProxy) -> 
         assert "green was rolled back automatically: auto rollback: green" in err
         final = json.loads(out)  # --json: only the final status, no progress lines
         assert final["active"] == "blue" and final["rollback"]["state"] == "rolled_back"
+
+        # `rollback` now would restore the failed green: refused unless --force.
+        code, out, err = await bgproxy("rollback", "--admin", proxy.admin_url)
+        assert code == 1 and out == ""
+        assert "send traffic back to green, the color that just failed" in err
+        assert (await status_of(proxy))["active"] == "blue"
+        code, _, err = await bgproxy("rollback", "--force", "--admin", proxy.admin_url)
+        assert code == 0, err
+        assert (await status_of(proxy))["active"] == "green"
     finally:
         await blue.runner.cleanup()
         await green.runner.cleanup()
+
+
+# --- several services ---------------------------------------------------------------------
+
+
+def services_dict(ups: dict[str, Upstream], **top: Any) -> dict[str, Any]:
+    """Two services, shop (by Host) and api (by Host and /v1), each with its own pools."""
+    return {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "services": {
+            "shop": {
+                "hosts": ["shop.example.com"],
+                "upstreams": {
+                    "blue": {"targets": [ups["shop-blue"].url]},
+                    "green": {"targets": [ups["shop-green"].url]},
+                },
+            },
+            "api": {
+                "hosts": ["api.example.com"],
+                "paths": ["/v1"],
+                "upstreams": {
+                    "blue": {"targets": [ups["api-blue"].url]},
+                    "green": {"targets": [ups["api-green"].url]},
+                },
+            },
+        },
+        **top,
+    }
+
+
+@pytest.fixture
+async def four_upstreams() -> AsyncIterator[dict[str, Upstream]]:
+    ups = {
+        f"{svc}-{color}": await start_upstream(color)
+        for svc in ("shop", "api")
+        for color in ("blue", "green")
+    }
+    yield ups
+    for up in ups.values():
+        await up.runner.cleanup()
+
+
+@pytest.fixture
+async def two_services(four_upstreams: dict[str, Upstream], start_proxy: StartProxy) -> Proxy:
+    return await start_proxy(services_dict(four_upstreams))
+
+
+async def service_status(proxy: Proxy, name: str) -> dict[str, Any]:
+    code, body = await proxy.admin("GET", f"/services/{name}/status")
+    assert code == 200
+    return dict(body)
+
+
+def table_rows(out: str) -> dict[str, list[str]]:
+    """``bgproxy services`` rows by service name (first column)."""
+    header, *rows = out.splitlines()
+    assert header.split() == [
+        "SERVICE", "HOSTS", "PATHS", "LIVE", "SPLIT", "B/G", "GEN", "REQ/S", "ERRORS", "P99",
+        "NOTES",
+    ]  # fmt: skip
+    return {row.split()[0]: row.split() for row in rows}
+
+
+async def test_services_lists_each_service_with_its_color_split_and_traffic(
+    two_services: Proxy,
+) -> None:
+    proxy = two_services
+    admin = ("--admin", proxy.admin_url)
+    for _ in range(5):
+        status, _, _ = await proxy.get("/", headers={"Host": "shop.example.com"})
+        assert status == 200
+    code, _, err = await bgproxy("weights", "90", "10", "--service", "api", *admin)
+    assert code == 0, err
+
+    code, out, err = await bgproxy("services", *admin)
+    assert code == 0, err
+    rows = table_rows(out)
+    assert list(rows) == ["shop", "api"]
+    assert rows["shop"][1:6] == ["shop.example.com", "/", "blue", "100/0", "1"]
+    assert rows["api"][1:6] == ["api.example.com", "/v1", "blue", "90/10", "2"]
+    assert rows["shop"][6] != "-" and rows["shop"][7] == "0.0%"  # req/s, errors: traffic seen
+
+    code, out, _ = await bgproxy("--json", "services", *admin)
+    assert code == 0
+    data = json.loads(out)
+    assert [s["name"] for s in data["services"]] == ["shop", "api"]
+    assert data["services"][1]["weights"] == {"blue": 90, "green": 10}
+
+
+async def test_service_option_scopes_every_command_to_one_service(two_services: Proxy) -> None:
+    proxy = two_services
+    admin = ("--admin", proxy.admin_url)
+    code, out, err = await bgproxy("switch", "green", "--service", "api", "--reason", "v2", *admin)
+    assert code == 0, err
+    assert "api: blue -> green   (generation 1 -> 2)" in out
+    assert "service     api" in out
+    assert (await service_status(proxy, "api"))["active"] == "green"
+    assert (await service_status(proxy, "shop"))["active"] == "blue"  # untouched
+    status, body, _ = await proxy.get("/v1/x", headers={"Host": "api.example.com"})
+    assert status == 200 and json.loads(body)["color"] == "green"
+    status, body, _ = await proxy.get("/", headers={"Host": "shop.example.com"})
+    assert json.loads(body)["color"] == "blue"
+
+    # Before the subcommand, and from $BGPROXY_SERVICE, like --admin.
+    code, out, _ = await bgproxy("--service", "shop", "--json", "status", *admin)
+    assert code == 0
+    data = json.loads(out)
+    assert data["service"] == "shop" and data["active"] == "blue"
+    env = {"BGPROXY_SERVICE": "shop", "BGPROXY_ADMIN_URL": proxy.admin_url}
+    code, out, err = await bgproxy("weights", "50", "50", env=env)
+    assert code == 0, err
+    assert (await service_status(proxy, "shop"))["weights"] == {"blue": 50, "green": 50}
+    code, _, err = await bgproxy("rollback", env=env)
+    assert code == 0, err
+    assert (await service_status(proxy, "shop"))["weights"] == {"blue": 100, "green": 0}
+    assert (await service_status(proxy, "api"))["active"] == "green"
+
+    # Events: one service's with --service; every service's, with a SERVICE column, without.
+    code, out, _ = await bgproxy("events", "--service", "api", *admin)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split()[:2] == ["AT", "GEN"] and len(rows) == 1
+    assert rows[0].split()[1:5] == ["2", "switch", "blue", "green"]
+    code, out, _ = await bgproxy("events", *admin)
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["AT", "SERVICE", "GEN"]
+    assert [r.split()[1] for r in rows] == ["shop", "shop", "api"]
+    code, out, _ = await bgproxy("events", "--json", *admin)
+    assert [e["service"] for e in json.loads(out)["events"]] == ["shop", "shop", "api"]
+
+
+async def test_without_a_service_status_lists_them_and_exits_2(two_services: Proxy) -> None:
+    admin = ("--admin", two_services.admin_url)
+    code, out, err = await bgproxy("status", *admin)
+    assert code == 2
+    assert list(table_rows(out)) == ["shop", "api"]  # what there is, on stdout
+    assert "refused (400 service_required)" in err
+    assert "pass --service NAME" in err and "shop, api" in err
+
+    code, out, err = await bgproxy("switch", "green", *admin)
+    assert code == 2 and out == ""
+    assert "pass --service NAME" in err
+    code, out, _ = await bgproxy("status", "--json", *admin)
+    assert code == 2 and json.loads(out)["error"] == "service_required"
+    for name in ("shop", "api"):
+        assert (await service_status(two_services, name))["generation"] == 1
+
+    code, out, err = await bgproxy("switch", "green", "--service", "nope", *admin)
+    assert code == 2 and out == ""
+    assert "refused (404 unknown_service)" in err and "bgproxy services" in err
+
+
+async def test_default_service_answers_unscoped_commands(
+    four_upstreams: dict[str, Upstream], start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(services_dict(four_upstreams, default_service="shop"))
+    code, out, err = await bgproxy("switch", "green", "--admin", proxy.admin_url)
+    assert code == 0, err
+    assert "shop: blue -> green" in out
+    assert (await service_status(proxy, "shop"))["active"] == "green"
+    assert (await service_status(proxy, "api"))["active"] == "blue"

@@ -1,19 +1,23 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Playwright,
 against a live proxy. The page loads, shows the live color, its buttons change the
-routing state through the admin API, and it shows what the API answers."""
+routing state through the admin API, and it shows what the API answers; with several
+services, an overview lists them and links to each one's own view."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, Request, async_playwright, expect
 
-from conftest import Proxy, StartProxy, Upstream, config_dict
+from conftest import Proxy, StartProxy, Upstream, config_dict, start_upstream
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -104,6 +108,9 @@ async def test_page_loads_and_shows_the_live_state(browser: Browser, proxy: Prox
     await expect(page.locator("#instances tbody tr")).to_have_count(1)
     await expect(page.locator("#switch-blue")).to_be_disabled()  # already live
     await expect(page).to_have_title("BLUE live · bgproxy")
+    # One service: straight to its view, no overview and no way "back" to one.
+    await expect(page.locator("#view-overview")).to_be_hidden()
+    await expect(page.locator("#crumb-all")).to_be_hidden()
     # /status reports traffic: the charts draw a line per color once polls come in.
     await expect(page.locator("#chart-rps polyline")).to_have_count(2, timeout=5000)
     assert console.errors == []
@@ -122,7 +129,8 @@ async def test_switch_button_switches_and_the_page_follows(browser: Browser, pro
     await expect(page.locator("#card-blue .pill")).not_to_contain_text("LIVE")
     # What went over the wire: a JSON POST, no cookie, guarded by the generation seen.
     (req,) = sent
-    assert req.url == proxy.admin_url + "/switch"
+    # The one service of the upstreams form is "default"; the page uses its scoped path.
+    assert req.url == proxy.admin_url + "/services/default/switch"
     headers = await req.all_headers()
     assert headers["content-type"] == "application/json"
     assert "cookie" not in headers
@@ -183,3 +191,175 @@ async def test_token_is_asked_once_kept_in_the_tab_and_sent_as_a_header(
     await expect(dialog).to_be_hidden()
     # The first poll's 401 is the browser's only complaint.
     assert [e for e in console.errors if "401" not in e] == []
+
+
+# --- several services, history, and the rollback button after an automatic rollback --------
+
+
+@pytest.fixture
+async def four_upstreams() -> AsyncIterator[dict[str, Upstream]]:
+    ups = {
+        f"{svc}-{color}": await start_upstream(color)
+        for svc in ("shop", "api")
+        for color in ("blue", "green")
+    }
+    yield ups
+    for up in ups.values():
+        await up.runner.cleanup()
+
+
+def two_services(ups: dict[str, Upstream]) -> dict[str, Any]:
+    def pools(svc: str) -> dict[str, Any]:
+        return {c: {"targets": [ups[f"{svc}-{c}"].url]} for c in ("blue", "green")}
+
+    return {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": "127.0.0.1:0"},
+        "services": {
+            "shop": {"hosts": ["shop.example.com"], "upstreams": pools("shop")},
+            "api": {"hosts": ["api.example.com"], "paths": ["/v1"], "upstreams": pools("api")},
+        },
+    }
+
+
+async def service_status(proxy: Proxy, name: str) -> dict[str, Any]:
+    code, body = await proxy.admin("GET", f"/services/{name}/status")
+    assert code == 200
+    return dict(body)
+
+
+async def test_overview_lists_every_service_and_links_to_its_own_view(
+    browser: Browser, four_upstreams: dict[str, Upstream], start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(two_services(four_upstreams))
+    code, _ = await proxy.admin("POST", "/services/api/weights", {"blue": 90, "green": 10})
+    assert code == 200
+    page, console = await open_dashboard(browser, proxy)
+    await expect(page).to_have_title("Services · bgproxy")
+    rows = page.locator("#services tbody tr")
+    await expect(rows).to_have_count(2)
+    shop, api = page.locator("tr[data-service=shop]"), page.locator("tr[data-service=api]")
+    await expect(shop).to_contain_text("shop.example.com")
+    await expect(shop.locator(".svc-live")).to_have_text("blue")
+    await expect(shop.locator(".split-text")).to_have_text("100 / 0")
+    await expect(shop).to_contain_text("STEADY")
+    await expect(api).to_contain_text("api.example.com")
+    await expect(api).to_contain_text("/v1")
+    await expect(api.locator(".split-text")).to_have_text("90 / 10")
+    await expect(api).to_contain_text("WATCHING GREEN")  # the split gave green traffic
+    await expect(page.locator("#ov-events tbody tr").first).to_contain_text("api")
+    await expect(page.locator("#view-service")).to_be_hidden()
+
+    # Each name links to that service's view: today's page, scoped to it.
+    await api.get_by_role("link", name="api").click()
+    await expect(page).to_have_url(proxy.admin_url + "/#/services/api")
+    await expect(page.locator("#svc-name")).to_have_text("api")
+    await expect(page.locator("#active-tag")).to_have_text("SPLIT")
+    await expect(page.locator("#generation")).to_have_text("2")
+    await expect(page).to_have_title("api: BLUE live · bgproxy")
+    sent = posts(page)
+    await confirm_switch(page, "green", reason="api v2")
+    await expect(page.locator("#active-color")).to_have_text("GREEN")
+    (req,) = sent
+    assert req.url == proxy.admin_url + "/services/api/switch"
+    assert (await service_status(proxy, "api"))["active"] == "green"
+    assert (await service_status(proxy, "shop"))["active"] == "blue"  # untouched
+
+    # Back to the overview, which follows; a reload of a service's URL opens that view.
+    await page.get_by_role("link", name="All services").click()
+    await expect(api.locator(".svc-live")).to_have_text("green")
+    await expect(shop.locator(".svc-live")).to_have_text("blue")
+    await page.goto(proxy.admin_url + "/#/services/shop")
+    await page.reload()
+    await expect(page.locator("#svc-name")).to_have_text("shop")
+    await expect(page.locator("#active-color")).to_have_text("BLUE")
+    assert console.errors == []
+
+
+async def test_an_unknown_service_in_the_url_says_so(
+    browser: Browser, four_upstreams: dict[str, Upstream], start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(two_services(four_upstreams))
+    page = await browser.new_page()
+    await page.goto(proxy.admin_url + "/#/services/nope")
+    await expect(page.locator("#banner")).to_contain_text('There is no service "nope"')
+    await page.locator("#banner").get_by_role("button", name="All services").click()
+    await expect(page.locator("#services tbody tr")).to_have_count(2)
+
+
+@contextlib.asynccontextmanager
+async def steady_load(proxy: Proxy) -> AsyncIterator[None]:
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(proxy.url + "/") as resp:
+                        await resp.read()
+                await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(run(), name="steady-load")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_charts_show_the_last_minutes_on_a_fresh_page_load(
+    browser: Browser, proxy: Proxy
+) -> None:
+    async with steady_load(proxy):
+        # Wait until the proxy's own history holds three points (>= 10 s of figures).
+        async with asyncio.timeout(30):
+            while True:
+                code, body = await proxy.admin("GET", "/services/default/history")
+                assert code == 200
+                if len(body["points"]) >= 3:
+                    break
+                await asyncio.sleep(0.5)
+        page, console = await open_dashboard(browser, proxy)
+        line = page.locator("#chart-rps polyline.line-blue")
+        await expect(line).to_have_count(1, timeout=3000)
+        # Polls alone would start at the right edge (x = 300 is "now"); history reaches
+        # back at least 10 s, i.e. 10 px of the 5-minute, 300-unit-wide chart.
+        points = await line.get_attribute("points") or ""
+        xs = [float(p.split(",")[0]) for p in points.split()]
+        assert min(xs) < 291, points
+    assert console.errors == []
+
+
+async def test_roll_back_is_disabled_right_after_an_automatic_rollback(
+    browser: Browser, start_proxy: StartProxy
+) -> None:
+    blue = await start_upstream("blue")
+    green = await start_upstream("green")
+    green.behaviour.fail_rate = 1.0  # every request 500
+    watch = {"window": "1.5s", "interval": "500ms", "min_requests": 3, "failure_limit": 1}
+    try:
+        proxy = await start_proxy(config_dict([blue.url], [green.url], rollback=watch))
+        async with steady_load(proxy):
+            code, _ = await proxy.admin("POST", "/switch", {"color": "green"})
+            assert code == 200
+            async with asyncio.timeout(10):
+                while True:
+                    if (await status_of(proxy))["rollback"]["state"] == "rolled_back":
+                        break
+                    await asyncio.sleep(0.05)
+        page, console = await open_dashboard(browser, proxy)
+        await expect(page.locator("#rb-state")).to_have_text("ROLLED BACK")
+        button = page.locator("#rollback-btn")
+        await expect(button).to_be_disabled()
+        await expect(button).to_have_attribute("title", re.compile("rolled back automatically"))
+        note = page.locator("#rollback-note")
+        await expect(note).to_be_visible()
+        await expect(note).to_contain_text("send traffic back to green, the color that failed")
+        # A new change ends it: the button is back.
+        code, _ = await proxy.admin("POST", "/weights", {"blue": 90, "green": 10})
+        assert code == 200
+        await expect(button).to_be_enabled()
+        await expect(note).to_be_hidden()
+        assert console.errors == []
+    finally:
+        await blue.runner.cleanup()
+        await green.runner.cleanup()

@@ -1,5 +1,6 @@
-"""``bgproxy demo`` as a newcomer runs it: one command, it serves blue, the CLI flips it to
-green, the dashboard is there, and Ctrl-C stops everything with exit 0."""
+"""``bgproxy demo`` as a newcomer runs it: one command, two services (shop and api, by
+Host) that serve blue, the CLI flips one of them to green, the dashboard is there, and
+Ctrl-C stops everything with exit 0."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ async def cli(*args: str) -> tuple[int, str, str]:
 
 
 async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
-    port, admin_port, blue_port, green_port = free_ports(4)
+    port, admin_port, *app_ports = free_ports(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -52,7 +53,7 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         "--admin-port",
         str(admin_port),
         "--app-ports",
-        f"{blue_port},{green_port}",
+        ",".join(str(p) for p in app_ports),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
@@ -60,6 +61,7 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
     assert proc.stdout is not None and proc.stderr is not None
     proxy = f"http://127.0.0.1:{port}"
     admin = f"http://127.0.0.1:{admin_port}"
+    shop, api = {"Host": "shop.localhost"}, {"Host": "api.localhost"}
     try:
         # Ready when it has printed its banner: that happens once everything listens.
         banner: list[str] = []
@@ -73,33 +75,57 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         text = "".join(banner)
         assert f"proxy      {proxy}/" in text
         assert f"dashboard  {admin}/" in text
+        assert f"shop       http://shop.localhost:{port}/" in text
+        assert f"api        http://api.localhost:{port}/" in text
+        assert f"curl -H 'Host: api.localhost' {proxy}/" in text
         assert f"bgproxy --admin {admin} switch green" in text
+        assert f"bgproxy --admin {admin} switch green --service api" in text
         assert "X-Bg-Color: green" in text
+        for p in app_ports:
+            assert f"http://127.0.0.1:{p}/" in text
 
         async with aiohttp.ClientSession() as session:
+            # No Host matches: the default service, shop.
             async with session.get(proxy + "/") as resp:
                 assert resp.status == 200
                 assert resp.headers["X-Bg-Color"] == "blue"
-                assert "hello from blue" in await resp.text()
+                assert "hello from blue (shop v1)" in await resp.text()
+            async with session.get(proxy + "/", headers=api) as resp:
+                assert "hello from blue (api v1)" in await resp.text()
             async with session.get(proxy + "/", headers={"X-Bg-Color": "green"}) as resp:
-                assert "hello from green" in await resp.text()
+                assert "hello from green (shop v2)" in await resp.text()
             async with session.get(admin + "/") as resp:
                 assert resp.status == 200
                 assert "<title>bgproxy</title>" in await resp.text()
 
+            code, out, err = await cli("--admin", admin, "services")
+            assert code == 0, err
+            rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+            assert rows["shop"][1:4] == ["shop.localhost", "/", "blue"]
+            assert rows["api"][1:4] == ["api.localhost", "/", "blue"]
+
+            # Switching api leaves shop alone; the unscoped command acts on shop.
+            code, out, err = await cli("--admin", admin, "switch", "green", "--service", "api")
+            assert code == 0, err
+            assert "api: blue -> green" in out
+            async with session.get(proxy + "/", headers=api) as resp:
+                assert resp.headers["X-Bg-Color"] == "green"
+                assert "hello from green (api v2)" in await resp.text()
+            async with session.get(proxy + "/", headers=shop) as resp:
+                assert "hello from blue (shop v1)" in await resp.text()
             code, out, err = await cli("--admin", admin, "switch", "green", "--reason", "demo")
             assert code == 0, err
-            assert "blue -> green" in out
+            assert "shop: blue -> green" in out
             async with session.get(proxy + "/") as resp:
                 assert resp.headers["X-Bg-Color"] == "green"
-                assert "hello from green" in await resp.text()
+                assert "hello from green (shop v2)" in await resp.text()
 
         proc.send_signal(signal.SIGINT)
         rest = await asyncio.wait_for(proc.stdout.read(), 15)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         assert "bgproxy demo stopped" in rest.decode()
         # Everything it started is gone: the ports are free again.
-        for p in (port, admin_port, blue_port, green_port):
+        for p in (port, admin_port, *app_ports):
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", p))
@@ -107,6 +133,12 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_demo_app_ports_must_be_four_or_two() -> None:
+    code, out, err = await cli("demo", "--app-ports", "9001,9002,9003")
+    assert code == 2 and out == ""
+    assert "--app-ports takes four ports: SHOP_BLUE,SHOP_GREEN,API_BLUE,API_GREEN" in err
 
 
 async def test_demo_port_taken_exits_non_zero_with_the_reason() -> None:

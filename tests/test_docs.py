@@ -106,6 +106,9 @@ def test_documented_default_is_the_real_default(key: str) -> None:
     """Writing the documented default explicitly changes nothing."""
     cell = reference_rows()[key]
     schema_default = schema_keys()[key]
+    if key.startswith("services"):
+        _check_service_default(key, cell, schema_default)
+        return
     if cell == REQUIRED or schema_default == REQUIRED:
         assert cell == schema_default == REQUIRED, f"{key}: required in one place only"
         return
@@ -120,6 +123,35 @@ def test_documented_default_is_the_real_default(key: str) -> None:
         assert _get(parse_config(_with(MINIMAL, key, value)), key) == _get(
             parse_config(MINIMAL), key
         )
+
+
+SERVICE = {"hosts": ["a.test"], "upstreams": MINIMAL["upstreams"]}
+
+
+def _check_service_default(key: str, cell: str, schema_default: Any) -> None:
+    """``services``: absent means the single-service form; a service's sections default
+    to the top-level ones; its other keys as for any key."""
+    if key == "services":
+        assert cell == "`{}`" and schema_default == ()
+        return
+    field = key.removeprefix("services.<name>.")
+    if cell == "*top-level*":
+        assert schema_default == "top-level", f"{key}: not a section a service overrides"
+        top = parse_config({**MINIMAL, "rollback": {"window": "1m"}})
+        svc = parse_config({"services": {"a": SERVICE}, "rollback": {"window": "1m"}})
+        assert getattr(svc.services[0], field) == getattr(top, field)
+        return
+    if cell == REQUIRED or schema_default == REQUIRED:
+        assert cell == schema_default == REQUIRED, f"{key}: required in one place only"
+        return
+    assert cell.startswith("`") and cell.endswith("`"), f"{key}: default not in backticks"
+    value = yaml.safe_load(cell[1:-1])
+    plain = dict(SERVICE)
+    plain.pop(field, None)
+    explicit = {**plain, field: value}
+    a = parse_config({"services": {"a": plain}}).services[0]
+    b = parse_config({"services": {"a": explicit}}).services[0]
+    assert getattr(a, field) == getattr(b, field)
 
 
 def test_readme_links_resolve_and_name_every_guide() -> None:

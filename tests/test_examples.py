@@ -43,10 +43,10 @@ def k8s(kind: str, name: str) -> dict[str, Any]:
 
 def test_examples_are_what_the_docs_say() -> None:
     names = sorted(p.name for p in EXAMPLES.iterdir())
-    assert names == ["bgproxy.yaml", "fleet-redis.yaml", "kubernetes.yaml"]
+    assert names == ["bgproxy.yaml", "fleet-redis.yaml", "kubernetes.yaml", "services.yaml"]
 
 
-@pytest.mark.parametrize("name", ["bgproxy.yaml", "fleet-redis.yaml"])
+@pytest.mark.parametrize("name", ["bgproxy.yaml", "fleet-redis.yaml", "services.yaml"])
 def test_config_example_passes_bgproxy_check(name: str) -> None:
     got = bgproxy_check(EXAMPLES / name)
     assert got.returncode == 0, got.stderr

@@ -1,9 +1,12 @@
 // bgproxy dashboard: a client of the admin API, like the CLI. No framework, no build step.
 //
-// State comes only from GET /status (every second) and GET /events; the charts' history
-// lives in this page. Mutations are JSON POSTs with an Authorization: Bearer header and
-// no cookies, so another site cannot forge them. All text from the API is inserted with
-// textContent, never as HTML: an event reason is operator input.
+// Two views, chosen by the URL's hash: the overview of every service (#/, polling
+// GET /services) and one service's view (#/services/NAME, polling
+// GET /services/NAME/status and .../events; its charts start from .../history, then grow
+// with each poll). A proxy with one service goes straight to that service's view.
+// Mutations are JSON POSTs with an Authorization: Bearer header and no cookies, so
+// another site cannot forge them. All text from the API is inserted with textContent,
+// never as HTML: an event reason is operator input.
 "use strict";
 
 (() => {
@@ -18,9 +21,16 @@
   const $ = (id) => document.getElementById(id);
 
   const app = {
+    // {kind: "overview"} or {kind: "service", name, base, implicit}; null until /services says.
+    view: null,
+    seq: 0, // bumped on every route change: answers for an older view are dropped
+    timer: null,
+    services: null,
     status: null,
     events: [],
-    history: [], // [{t, blue: {rps, error_rate, p99}, green: {...}}], oldest first
+    // [{t, gap, blue: {rps, error_rate, p99}, green: {...}}], oldest first; gap: the
+    // longest distance to the point before that still draws a line between them.
+    history: [],
     lastOk: 0,
     lastError: null,
     eventsGen: null,
@@ -266,33 +276,146 @@
     }
   }
 
-  // --- polling ---------------------------------------------------------------------------
+  // --- routing and polling --------------------------------------------------------------
 
-  async function pollStatus() {
+  function hashService() {
+    const m = /^#\/services\/([^/?#]+)\/?$/.exec(location.hash);
+    if (!m) return null;
     try {
-      const status = await api("GET", "/status");
+      return decodeURIComponent(m[1]);
+    } catch {
+      return null;
+    }
+  }
+
+  function serviceView(name, implicit) {
+    const base = name === null ? "" : `/services/${encodeURIComponent(name)}`;
+    return { kind: "service", name, base, implicit };
+  }
+
+  function base() {
+    return app.view && app.view.kind === "service" ? app.view.base : "";
+  }
+
+  function route() {
+    app.seq += 1;
+    clearTimeout(app.timer);
+    app.status = null;
+    app.history = [];
+    app.events = [];
+    app.eventsGen = null;
+    app.eventsAt = 0;
+    app.weightsDirty = false;
+    hideBanner();
+    const name = hashService();
+    app.view = name === null ? null : serviceView(name, false);
+    showView();
+    if (app.view) loadHistory(app.seq);
+    poll(app.seq);
+  }
+
+  function showView() {
+    const v = app.view;
+    $("view-overview").hidden = !(v && v.kind === "overview");
+    $("view-service").hidden = !(v && v.kind === "service");
+    const crumbs = $("crumbs");
+    if (v && v.kind === "service" && v.name !== null) {
+      crumbs.hidden = false;
+      $("crumb-all").hidden = v.implicit;
+      $("crumb-sep").hidden = v.implicit;
+      $("svc-name").textContent = v.name;
+    } else {
+      crumbs.hidden = true;
+    }
+    if (v && v.kind === "overview") document.title = "Services · bgproxy";
+  }
+
+  async function resolveView(seq) {
+    // "#/": the overview, unless the proxy has one service; then that service's view.
+    let list;
+    try {
+      const data = await api("GET", "/services");
+      list = (data && data.services) || [];
+    } catch (e) {
+      if (e.status !== 404) throw e;
+      list = null; // a proxy from before services: its unscoped endpoints are the one view
+    }
+    if (seq !== app.seq) return;
+    if (list === null) app.view = serviceView(null, true);
+    else if (list.length === 1) app.view = serviceView(list[0].name, true);
+    else app.view = { kind: "overview" };
+    showView();
+    if (app.view.kind === "overview") onServices(list);
+    else loadHistory(seq);
+  }
+
+  async function poll(seq) {
+    try {
+      if (!app.view) await resolveView(seq);
+      else if (app.view.kind === "overview") {
+        const data = await api("GET", "/services");
+        if (seq === app.seq) onServices((data && data.services) || []);
+      }
+      if (seq === app.seq && app.view && app.view.kind === "service") {
+        const status = await api("GET", `${base()}/status`);
+        if (seq === app.seq) onStatus(status);
+      }
+      if (seq !== app.seq) return;
       app.lastOk = Date.now();
       app.lastError = null;
-      onStatus(status);
     } catch (e) {
+      if (seq !== app.seq) return;
       app.lastError = e;
-      if (e.status && e.status !== 401) showBanner(`GET /status: ${e.describe()}`);
+      if (e.code === "unknown_service") {
+        showBanner(`There is no service "${app.view.name}" on this proxy.`, { label: "All services", run: () => { location.hash = "#/"; } });
+      } else if (e.status && e.status !== 401) {
+        showBanner(`GET ${app.view && app.view.kind === "service" ? `${base()}/status` : "/services"}: ${e.describe()}`);
+      }
     }
     renderConn();
-    setTimeout(pollStatus, POLL_MS);
+    app.timer = setTimeout(() => poll(seq), POLL_MS);
+  }
+
+  async function loadHistory(seq) {
+    // The charts show the last minutes at once, not only what this page has polled.
+    let data;
+    try {
+      data = await api("GET", `${base()}/history`);
+    } catch {
+      return; // an older proxy without /history: the charts fill from the polls
+    }
+    if (seq !== app.seq || !data || !Array.isArray(data.points)) return;
+    const gap = 3 * 1000 * (num(data.interval) && data.interval > 0 ? data.interval : 5);
+    const cutoff = Date.now() - HISTORY_MS;
+    const firstLive = app.history.length ? app.history[0].t : Infinity;
+    const seeded = [];
+    for (const p of data.points) {
+      const d = toDate(p.at);
+      if (!d || d.getTime() < cutoff || d.getTime() >= firstLive - 500) continue;
+      seeded.push({ t: d.getTime(), gap, blue: p.blue || {}, green: p.green || {} });
+    }
+    if (!seeded.length) return;
+    if (app.history.length) app.history[0].gap = Math.max(app.history[0].gap, gap);
+    app.history = seeded.concat(app.history);
+    if (app.status) renderCharts(app.status);
   }
 
   async function refreshEvents(force) {
-    if (app.eventsBusy) return;
-    const gen = app.status ? app.status.generation : null;
+    if (app.eventsBusy || !app.view) return;
+    const seq = app.seq;
+    const overview = app.view.kind === "overview";
+    const gen = overview ? (app.services || []).map((x) => `${x.name}:${x.generation}`).join(",")
+      : app.status ? app.status.generation : null;
     if (!force && gen === app.eventsGen && Date.now() - app.eventsAt < EVENTS_EVERY_MS) return;
     app.eventsBusy = true;
     try {
-      const data = await api("GET", "/events?limit=50");
+      const data = await api("GET", `${base()}/events?limit=50`);
+      if (seq !== app.seq) return;
       app.events = (data && data.events) || [];
       app.eventsGen = gen;
       app.eventsAt = Date.now();
-      renderEvents();
+      if (overview) renderEvents("ov-events", true);
+      else renderEvents("events", false);
     } catch {
       // The status poll reports an unreachable API; events just stay as they were.
     } finally {
@@ -304,11 +427,21 @@
     app.status = status;
     const t = status.traffic;
     if (t && typeof t === "object") {
-      app.history.push({ t: Date.now(), blue: t.blue || {}, green: t.green || {} });
-      const cutoff = Date.now() - HISTORY_MS;
+      const now = Date.now();
+      const prev = app.history.length ? app.history[app.history.length - 1] : null;
+      // The first poll after the seeded history may be up to one history interval later.
+      const gap = prev && !prev.live ? Math.max(3 * POLL_MS, prev.gap) : 3 * POLL_MS;
+      app.history.push({ t: now, gap, live: true, blue: t.blue || {}, green: t.green || {} });
+      const cutoff = now - HISTORY_MS;
       while (app.history.length && app.history[0].t < cutoff) app.history.shift();
     }
     render();
+    refreshEvents(false);
+  }
+
+  function onServices(list) {
+    app.services = list;
+    renderOverview();
     refreshEvents(false);
   }
 
@@ -359,7 +492,8 @@
     $("active-shape").className = `shape shape-${active}`;
     $("active-color").textContent = active.toUpperCase();
     $("active-tag").textContent = split ? "SPLIT" : "LIVE";
-    document.title = `${active.toUpperCase()} live · bgproxy`;
+    const named = app.view && app.view.name !== null && !app.view.implicit ? `${app.view.name}: ` : "";
+    document.title = `${named}${active.toUpperCase()} live · bgproxy`;
 
     const wb = weightOf(st, "blue");
     const wg = weightOf(st, "green");
@@ -379,8 +513,7 @@
       btn.disabled = fullyLive;
       btn.title = fullyLive ? `${color} is already live` : "";
     }
-    $("rollback-btn").disabled = !st.previous;
-    $("rollback-btn").title = st.previous ? `back to ${st.previous}` : "nothing to roll back to";
+    renderRollbackButton(st);
     if (!app.weightsDirty) {
       $("w-blue").value = String(wb);
       $("w-green").value = String(wg);
@@ -392,6 +525,26 @@
     renderRollback(st);
     renderInstances(st);
     renderTokenButton();
+  }
+
+  function renderRollbackButton(st) {
+    // Right after an automatic rollback, /rollback would restore the state before it:
+    // traffic back on the color that just failed. The button stays off until a new change.
+    const rb = st.rollback || {};
+    const btn = $("rollback-btn");
+    const note = $("rollback-note");
+    if (rb.state === "rolled_back") {
+      const failed = rb.color || "the failed color";
+      const why = `Disabled: ${failed} was just rolled back automatically, and rolling back now would send traffic back to ${failed}, the color that failed. To retry ${failed}, switch to it (its gates run first).`;
+      btn.disabled = true;
+      btn.title = why;
+      note.textContent = why;
+      note.hidden = false;
+    } else {
+      btn.disabled = !st.previous;
+      btn.title = st.previous ? `back to ${st.previous}` : "nothing to roll back to";
+      note.hidden = true;
+    }
   }
 
   function stat(label, value, extra) {
@@ -488,7 +641,7 @@
       };
       for (const p of app.history) {
         const v = p[c][spec.key];
-        if (!num(v) || (lastT !== null && p.t - lastT > 3 * POLL_MS)) flush();
+        if (!num(v) || (lastT !== null && p.t - lastT > p.gap)) flush();
         if (num(v)) {
           const x = ((p.t - t0) / HISTORY_MS) * W;
           const y = H - (Math.min(v, max) / max) * (H - 2) - 1;
@@ -640,20 +793,111 @@
     }
   }
 
-  function renderEvents() {
+  function renderEvents(tableId, withService) {
     const rows = app.events.map((e) => {
       const auto = e.trigger === "auto";
-      return h("tr", { class: auto ? "ev-auto" : "" },
+      const cells = [
         h("td", {}, timeEl(e.at)),
         h("td", { class: "num", text: String(e.generation ?? "") }),
         h("td", { text: e.action ?? "" }),
         h("td", {}, h("code", { text: `${e.from ?? "—"} → ${e.to ?? "—"}` })),
         h("td", {}, h("span", { class: `pill ${auto ? "pill-bad" : "pill-idle"}`, text: auto ? "AUTO" : "manual" })),
         h("td", { text: e.actor ?? "" }),
-        h("td", { class: "reason", text: e.reason ?? "" }));
+        h("td", { class: "reason", text: e.reason ?? "" }),
+      ];
+      if (withService) {
+        const name = e.service ?? "";
+        cells.splice(1, 0, h("td", {}, name ? serviceLink(name) : "—"));
+      }
+      return h("tr", { class: auto ? "ev-auto" : "" }, cells);
     });
-    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: "7", class: "muted", text: "no changes yet" })));
-    $("events").tBodies[0].replaceChildren(...rows);
+    const cols = withService ? 8 : 7;
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: String(cols), class: "muted", text: "no changes yet" })));
+    $(tableId).tBodies[0].replaceChildren(...rows);
+  }
+
+  // --- the overview of every service ---------------------------------------------------------
+
+  function serviceLink(name) {
+    return h("a", { href: `#/services/${encodeURIComponent(name)}`, class: "svc-link", text: name });
+  }
+
+  // One figure per service from its two colors: req/s summed, the error rate over both
+  // colors' requests, and the higher p99 (a percentile of the whole cannot be rebuilt).
+  function serviceTraffic(traffic) {
+    const per = COLORS.map((c) => (traffic && traffic[c]) || {});
+    const rates = per.map((t) => t.rps).filter(num);
+    let requests = 0;
+    let errors = 0;
+    for (const t of per) {
+      if (num(t.error_rate) && num(t.requests)) {
+        requests += t.requests;
+        errors += t.error_rate * t.requests;
+      }
+    }
+    const known = per.map((t) => t.error_rate).filter(num);
+    const p99s = per.map((t) => t.p99).filter(num);
+    return {
+      rps: rates.length ? rates.reduce((a, b) => a + b, 0) : null,
+      error_rate: requests > 0 ? errors / requests : known.length ? Math.max(...known) : null,
+      p99: p99s.length ? Math.max(...p99s) : null,
+    };
+  }
+
+  function serviceBadges(svc) {
+    const out = [];
+    const d = svc.drain || {};
+    if (d.state === "draining") out.push(h("span", { class: "pill pill-busy", text: `DRAINING ${(d.color || "").toUpperCase()}` }));
+    const r = svc.rollback || {};
+    if (r.state === "watching") out.push(h("span", { class: "pill pill-busy", text: `WATCHING ${(r.color || "").toUpperCase()}` }));
+    else if (r.state === "rolled_back") out.push(h("span", { class: "pill pill-bad", text: `ROLLED BACK ${(r.color || "").toUpperCase()}` }));
+    const healthy = svc.healthy || {};
+    for (const c of COLORS) {
+      if (healthy[c] === false) out.push(h("span", { class: "pill pill-bad", text: `${c.toUpperCase()} UNHEALTHY` }));
+    }
+    if (!out.length) out.push(h("span", { class: "pill pill-idle", text: "STEADY" }));
+    return out;
+  }
+
+  function splitCell(weights) {
+    const wb = (weights && weights.blue) || 0;
+    const wg = (weights && weights.green) || 0;
+    const total = wb + wg || 1;
+    const blue = h("div", { class: "wbar wbar-blue" });
+    const green = h("div", { class: "wbar wbar-green" });
+    // CSSOM, not a style attribute: the CSP (style-src 'self') refuses inline styles.
+    blue.style.width = `${(100 * wb) / total}%`;
+    green.style.width = `${(100 * wg) / total}%`;
+    const pb = Math.round((100 * wb) / total);
+    return h("td", { class: "split-cell" },
+      h("div", { class: "weights-bar weights-bar-mini", "aria-hidden": "true" }, blue, green),
+      h("span", { class: "split-text", text: `${pb} / ${100 - pb}` }));
+  }
+
+  function renderOverview() {
+    const list = app.services || [];
+    const rows = list.map((svc) => {
+      const t = serviceTraffic(svc.traffic);
+      const active = svc.active || "";
+      const split = (svc.weights && svc.weights.blue > 0 && svc.weights.green > 0);
+      return h("tr", { "data-service": svc.name },
+        h("td", { class: "svc-name" }, serviceLink(svc.name)),
+        h("td", {},
+          h("div", {}, (svc.hosts || []).map((x) => h("code", { class: "host", text: x }))),
+          (svc.paths || []).some((x) => x !== "/")
+            ? h("div", { class: "muted" }, (svc.paths || []).map((x) => h("code", { class: "host", text: x })))
+            : null),
+        h("td", { class: "svc-live" }, active ? colorName(active) : "—", split ? h("span", { class: "muted", text: " (split)" }) : null),
+        splitCell(svc.weights),
+        h("td", { class: "num", text: fmtRps(t.rps) }),
+        h("td", { class: `num ${num(t.error_rate) && t.error_rate >= 0.05 ? "warn-text" : ""}`, text: fmtPct(t.error_rate) }),
+        h("td", { class: "num", text: fmtLatency(t.p99) }),
+        h("td", {}, h("div", { class: "badges" }, serviceBadges(svc))));
+    });
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: "8", class: "muted", text: "this proxy has no services" })));
+    $("services").tBodies[0].replaceChildren(...rows);
+    pill($("ov-count"), `${list.length} service${list.length === 1 ? "" : "s"}`, "pill-idle");
+    renderTokenButton();
   }
 
   // --- messages --------------------------------------------------------------------------
@@ -690,9 +934,11 @@
   function openConfirm(action) {
     const st = app.status;
     if (!st) return;
-    app.action = { ...action, generation: st.generation };
+    app.action = { ...action, generation: st.generation, base: base(), seq: app.seq };
     $("confirm-title").textContent = action.title;
-    $("confirm-text").textContent = action.text;
+    const v = app.view;
+    const where = v && v.name !== null && !v.implicit ? `Service ${v.name}: ` : "";
+    $("confirm-text").textContent = where + action.text;
     $("confirm-reason").value = "";
     $("confirm-force").checked = false;
     $("confirm-force-row").hidden = !action.canForce;
@@ -716,14 +962,16 @@
     if (reason) body.reason = reason;
     if (action.canForce && $("confirm-force").checked) body.force = true;
     try {
-      const status = await api("POST", action.path, body);
+      const status = await api("POST", `${action.base}${action.path}`, body);
       app.action = null;
       $("confirm").close();
-      if (action.path === "/weights") app.weightsDirty = false;
       toast(`${action.done} — generation ${status.generation}`);
-      app.lastOk = Date.now();
-      onStatus(status);
-      refreshEvents(true);
+      if (action.seq === app.seq) {
+        if (action.path === "/weights") app.weightsDirty = false;
+        app.lastOk = Date.now();
+        onStatus(status);
+        refreshEvents(true);
+      }
     } catch (e) {
       const err = $("confirm-error");
       let text = `Refused — ${e.describe()}`;
@@ -815,5 +1063,6 @@
 
   wire();
   renderTokenButton();
-  pollStatus();
+  window.addEventListener("hashchange", route);
+  route();
 })();
