@@ -87,19 +87,10 @@ class ServiceControl:
         self.gates: Gates | None = None
         self.rollback: RollbackController | None = None
         self.switches: Counter[str] = Counter()  # accepted changes by trigger, for metrics
-        self._applying: list[tuple[RoutingState, Event]] = []
         self.identity = identity
         # Who else serves this state (Redis fleet, workers); replaced by a supervisor.
         self.fleet: Fleet = default_fleet(self.store, lambda: [self.instance()])
         self.propagation_timeout = 3.0  # how long a write waits for every instance to apply it
-
-    def event_for(self, state: RoutingState) -> Event | None:
-        """The event of a write this instance is applying right now, for store listeners
-        (they run inside compare_and_set and see only the states)."""
-        for candidate, event in self._applying:
-            if candidate is state:
-                return event
-        return None
 
     async def check_gates(self, colors: Iterable[Color]) -> None:
         """Run the pre-switch gates for each color about to get traffic; GateFailed if not."""
@@ -202,12 +193,7 @@ class ServiceControl:
             actor=actor,
             details={"service": self.name, **(details or {})},
         )
-        entry = (new, event)
-        self._applying.append(entry)
-        try:
-            applied = await self.store.compare_and_set(current.generation, new, event)
-        finally:
-            self._applying.remove(entry)
+        applied = await self.store.compare_and_set(current.generation, new, event)
         self.switches[trigger] += 1
         return applied
 

@@ -26,6 +26,7 @@ from config import RollbackConfig
 from proxy.state import (
     COLORS,
     Color,
+    Event,
     RoutingState,
     StateError,
     StoreUnavailable,
@@ -168,16 +169,16 @@ class RollbackController:
 
     # -- reacting to changes ------------------------------------------------------------------
 
-    def on_state_change(self, old: RoutingState, new: RoutingState) -> None:
+    def on_state_change(self, old: RoutingState, new: RoutingState, event: Event | None) -> None:
         """Store listener (synchronous). Any change ends the current watch; a manual switch
         or weights change that gives a color new traffic starts one."""
         if not self._open:
             return
-        event = self.control.event_for(new)
         if event is not None:
             self._react(old, new, event.action, event.trigger)
             return
-        # Made elsewhere (another instance): its event says what it was; look it up.
+        # Learned without its event (a periodic re-read after a lost message): the
+        # event list says what it was.
         self._end_watch("idle" if self.state == "watching" else self.state)
         self._task = self._spawn(self._look_up_and_react(old, new), "rollback-classify")
 

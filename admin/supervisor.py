@@ -35,6 +35,7 @@ from proxy.redis_store import decode_event, encode_event
 from proxy.state import (
     COLORS,
     Color,
+    Event,
     RoutingState,
     StateError,
     StateStore,
@@ -209,8 +210,13 @@ class WorkerPool:
         self._acked.set()
         self._acked = asyncio.Event()
 
-    def _push(self, service: str, old: RoutingState, new: RoutingState) -> None:
-        line = encode_line({"t": "state", "svc": service, "state": new.to_dict()})
+    def _push(
+        self, service: str, old: RoutingState, new: RoutingState, event: Event | None
+    ) -> None:
+        msg = {"t": "state", "svc": service, "state": new.to_dict()}
+        if event is not None:
+            msg["event"] = encode_event(event)
+        line = encode_line(msg)
         for slot in self.slots:
             if slot.writer is not None and not slot.writer.is_closing():
                 slot.writer.write(line)

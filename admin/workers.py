@@ -134,14 +134,14 @@ class ChannelStore:
         msg = {"t": "cas", "expected": expected_generation, "state": new.to_dict()}
         reply = await self.channel.request(self.service, {**msg, "event": encode_event(event)})
         state = RoutingState.from_dict(reply["state"])
-        self.apply(state)
+        self.apply(state, event)
         return state
 
     async def events(self, limit: int) -> list[Event]:
         reply = await self.channel.request(self.service, {"t": "events", "limit": limit})
         return [decode_event(raw) for raw in reply["events"]]
 
-    def apply(self, new: RoutingState) -> None:
+    def apply(self, new: RoutingState, event: Event | None = None) -> None:
         old = self._state
         if old is not None and new.generation <= old.generation:
             return
@@ -149,7 +149,7 @@ class ChannelStore:
         if old is not None:
             for listener in self._listeners:
                 try:
-                    listener(old, new)
+                    listener(old, new, event)
                 except Exception:
                     log.exception("state listener failed")
             self.channel.report()  # the acknowledgement the supervisor's admin call waits for
@@ -220,7 +220,8 @@ class Channel:
         if kind == "state":
             store = self.stores.get(str(msg.get("svc")))
             if store is not None:
-                store.apply(RoutingState.from_dict(msg["state"]))
+                event = decode_event(msg["event"]) if msg.get("event") else None
+                store.apply(RoutingState.from_dict(msg["state"]), event)
         elif kind == "reply":
             fut = self._pending.pop(int(msg["id"]), None)
             if fut is not None and not fut.done():

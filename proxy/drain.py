@@ -18,7 +18,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from proxy.state import COLORS, Color, RoutingState, rfc3339
+from proxy.state import COLORS, Color, Event, RoutingState, rfc3339
 from proxy.websocket import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class DrainController:
 
     # -- reacting to a new snapshot ---------------------------------------------------------
 
-    def on_state_change(self, old: RoutingState, new: RoutingState) -> None:
+    def on_state_change(self, old: RoutingState, new: RoutingState, event: Event | None) -> None:
         live = [c for c in COLORS if new.weights.of(c) > 0]
         for color in live:
             self._cancel_handoffs(color)

@@ -54,7 +54,8 @@ log = logging.getLogger("bgproxy.redis")
 # What "Redis is not answering" looks like from redis-py and the socket layer.
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
-# KEYS: state, events. ARGV: expected generation, new state, event, max events, channel.
+# KEYS: state, events. ARGV: expected generation, new state, event, max events, channel,
+# the change message (state and event, for the other instances' listeners).
 # Returns {1, new} on success, {0, current} on a generation mismatch, {-1} when empty.
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
@@ -63,7 +64,7 @@ if tonumber(cjson.decode(cur)['generation']) ~= tonumber(ARGV[1]) then return {0
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('LPUSH', KEYS[2], ARGV[3])
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
-redis.call('PUBLISH', ARGV[5], ARGV[2])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return {1, ARGV[2]}
 """
 
@@ -239,7 +240,8 @@ class RedisStateStore:
         if not self._available:
             raise StoreUnavailable(self.unavailable_detail)
         args: list[str | int] = [expected_generation, _dumps(new.to_dict()), encode_event(event)]
-        args += [self._max_events, self._channel]
+        message = _dumps({"state": new.to_dict(), "event": args[2]})
+        args += [self._max_events, self._channel, message]
         keys = [self._key, self._events_key]
         try:
             async with asyncio.timeout(self._op_timeout * 2):
@@ -257,7 +259,7 @@ class RedisStateStore:
         code = int(result[0])
         if code == 1 or (code == 0 and result[1] == args[1]):
             # (A retried script that had in fact run finds its own record: that is success.)
-            self._apply(new)
+            self._apply(new, event)
             return new
         current = _decode_state(result[1]) if code == 0 else None
         if current is not None:
@@ -388,7 +390,7 @@ class RedisStateStore:
 
     # -- applying snapshots -----------------------------------------------------------------
 
-    def _apply(self, new: RoutingState) -> bool:
+    def _apply(self, new: RoutingState, event: Event | None = None) -> bool:
         """Make ``new`` current if it is newer; listeners run on every applied change."""
         old = self._state
         if new.generation <= old.generation:
@@ -396,16 +398,23 @@ class RedisStateStore:
         self._state = new
         for listener in self._listeners:
             try:
-                listener(old, new)
+                listener(old, new, event)
             except Exception:
                 log.exception("state listener failed")
         self._wake_heartbeat.set()
         return True
 
     def _on_message(self, raw: str) -> None:
+        # A change message {"state", "event"}; a re-seed publishes the bare state.
+        event = None
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            msg = json.loads(raw)
+            if isinstance(msg, dict) and "state" in msg:
+                event = decode_event(msg["event"])
+                raw = _dumps(msg["state"])
         state = _decode_state(raw)
         if state is not None:
-            self._apply(state)
+            self._apply(state, event)
 
     def _mark_down(self, exc: BaseException) -> None:
         self._down_reason = _reason(exc)

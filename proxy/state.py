@@ -217,7 +217,9 @@ def describe(state: RoutingState) -> str:
 
 # --- the store -----------------------------------------------------------------------------
 
-Listener = Callable[[RoutingState, RoutingState], None]
+# (old, new, the event that made new, or None when the store learned of new without it:
+# a periodic re-read, a re-seed).
+Listener = Callable[[RoutingState, RoutingState, "Event | None"], None]
 
 
 class StateStore(Protocol):
@@ -233,7 +235,8 @@ class StateStore(Protocol):
     async def events(self, limit: int) -> list[Event]: ...
 
     def add_listener(self, listener: Listener) -> None:
-        """``listener(old, new)`` runs synchronously whenever a new snapshot is applied."""
+        """``listener(old, new, event)`` runs synchronously whenever a new snapshot is
+        applied."""
         ...
 
     @property
@@ -271,7 +274,7 @@ class MemoryStateStore:
             self._state = new
             self._events.appendleft(event)
         for listener in self._listeners:
-            listener(old, new)
+            listener(old, new, event)
         return new
 
     async def events(self, limit: int) -> list[Event]:

@@ -96,13 +96,15 @@ async def test_first_store_seeds_from_config_later_ones_load_it(
 
 async def test_a_write_reaches_the_other_store_and_its_listeners(open_store: OpenStore) -> None:
     a, b = await open_store(), await open_store()
-    seen: list[tuple[int, int]] = []
-    b.add_listener(lambda old, new: seen.append((old.generation, new.generation)))
+    seen: list[tuple[int, int, str | None]] = []
+    b.add_listener(
+        lambda old, new, e: seen.append((old.generation, new.generation, e and e.action))
+    )
     new = await flip(a)
     took = await until(lambda: b.snapshot().generation == new.generation)
     print(f"\npub/sub propagation: {took * 1000:.1f} ms")
     assert b.snapshot().active is Color.GREEN
-    assert seen == [(1, 2)]
+    assert seen == [(1, 2, "switch")]  # the other instance's listeners get the event too
     assert [e.generation for e in await b.events(10)] == [2]
 
 

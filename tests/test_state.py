@@ -210,16 +210,17 @@ def event_for(state: RoutingState, action: str = "switch") -> Event:
 async def test_store_compare_and_set_swaps_and_notifies() -> None:
     initial = RoutingState.initial(B)
     store = MemoryStateStore(initial)
-    seen: list[tuple[RoutingState, RoutingState]] = []
-    store.add_listener(lambda old, new: seen.append((old, new)))
+    seen: list[tuple[RoutingState, RoutingState, Event | None]] = []
+    store.add_listener(lambda old, new, event: seen.append((old, new, event)))
 
     new = switch_to(initial, G, NOW)
     assert new is not None
-    result = await store.compare_and_set(1, new, event_for(new))
+    event = event_for(new)
+    result = await store.compare_and_set(1, new, event)
 
     assert result is new
     assert store.snapshot() is new
-    assert seen == [(initial, new)]
+    assert seen == [(initial, new, event)]  # listeners learn what made the change
     assert [e.generation for e in await store.events(10)] == [2]
 
 
@@ -227,7 +228,7 @@ async def test_store_generation_mismatch_changes_nothing() -> None:
     initial = RoutingState.initial(B)
     store = MemoryStateStore(initial)
     seen: list[object] = []
-    store.add_listener(lambda old, new: seen.append(new))
+    store.add_listener(lambda old, new, event: seen.append(new))
     new = switch_to(initial, G, NOW)
     assert new is not None
 
