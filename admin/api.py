@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -43,7 +43,6 @@ from proxy.state import (
 
 if TYPE_CHECKING:
     from admin.gates import Gates
-    from admin.rollback import RollbackController
 
 log = logging.getLogger("bgproxy.admin")
 
@@ -75,6 +74,16 @@ _HTTP_CODES = {
 }
 
 
+class Watch(Protocol):
+    """The rollback watch as the API and metrics read it (``admin.rollback``'s controller,
+    which itself acts through ``ServiceControl.apply``: this keeps the two modules from
+    importing each other)."""
+
+    auto_rollbacks: int
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class ServiceControl:
     """What the admin API acts on for one service: its data-plane state, its store, its
     gates and rollback watch."""
@@ -85,7 +94,7 @@ class ServiceControl:
         self.store: StateStore = service.store
         # Set by the runner once started; None (tests, early start) means "not running".
         self.gates: Gates | None = None
-        self.rollback: RollbackController | None = None
+        self.rollback: Watch | None = None
         self.switches: Counter[str] = Counter()  # accepted changes by trigger, for metrics
         self.identity = identity
         # Who else serves this state (Redis fleet, workers); replaced by a supervisor.

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "serve":
-        from admin.runner import main_serve
+        from admin.serve import main_serve
 
         code: int = main_serve(args.config, args.workers)
         return code

@@ -11,9 +11,7 @@ import gc
 import ipaddress
 import logging
 import os
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -25,8 +23,8 @@ from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from config import Config, ConfigError, load_config
-from proxy import _hotpath
 from proxy.health import HealthChecker
+from proxy.listener import ClientConnection
 from proxy.server import ProxyServer
 from proxy.state import StateStore, StoreUnavailable
 
@@ -131,7 +129,7 @@ async def running(
             raise StartupError(f"state.redis_url: {exc}") from exc
         if data_plane:
             try:
-                await server.start(sock)
+                await server.start(ClientConnection, sock)
             except OSError as exc:
                 raise StartupError(
                     f"listen: cannot listen on {config.listen}: {exc.strerror}"
@@ -212,50 +210,6 @@ def settle_heap() -> None:
     full collections stalled every connection for 27-34 ms, twice in 8 s; frozen, they
     take about 1 ms."""
     gc.freeze()
-
-
-async def serve(config: Config, path: str | None) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    async with running(config) as run:
-        host, port = run.proxy_address
-        ahost, aport = run.admin_address
-        log.info("bgproxy listening on http://%s:%d (admin http://%s:%d)", host, port, ahost, aport)
-        log.info("hot path: %s", _hotpath.describe())
-        settle_heap()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        if path is not None:
-            loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
-        await stop.wait()
-        log.info("shutting down")
-        await graceful_stop(run, run.server.config.drain.timeout)
-    return 0
-
-
-def main_serve(path: str, workers: int = 1) -> int:
-    logging.basicConfig(
-        level=os.environ.get("BGPROXY_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    if workers < 1:
-        print("bgproxy: --workers must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        if workers > 1:
-            from admin.supervisor import supervise  # one process (the default) never loads it
-
-            return run_loop(supervise(config, path, workers))
-        return run_loop(serve(config, path))
-    except StartupError as exc:
-        print(f"bgproxy: {exc}", file=sys.stderr)
-        return exc.code
 
 
 def run_loop(coro: object) -> int:

@@ -16,14 +16,15 @@ import json
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.state import COLORS, Color, Event, RoutingState, rfc3339
 from proxy.websocket import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 if TYPE_CHECKING:
-    from proxy.exchange import Exchange
-    from proxy.service import Service
+    from config import ServiceConfig
+    from proxy.interfaces import Tunnel as Exchange
 
 log = logging.getLogger("bgproxy.drain")
 
@@ -68,8 +69,29 @@ class Drain:
         }
 
 
+class Drained(Protocol):
+    """What a drain needs of its service (``proxy.service.Service``), which owns it."""
+
+    config: ServiceConfig
+    tunnels: set[Any]
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
+    @property
+    def now(self) -> float: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]: ...
+
+    async def wait_color_idle(self, color: Color) -> None: ...
+
+    def end_stragglers(self, color: Color) -> int: ...
+
+    def close_idle_upstreams(self, color: Color) -> None: ...
+
+
 class DrainController:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Drained) -> None:
         self.service = service
         self.drain = Drain()
         self._task: asyncio.Task[None] | None = None

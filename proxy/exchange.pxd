@@ -1,12 +1,15 @@
 # Static types for the compiled build of exchange.py (see setup.py).
 
+cimport cython
+
+from proxy.interfaces cimport ResponseSink
 from proxy.server cimport ProxyServer
 from proxy.service cimport Service
 from proxy.upstream cimport UpstreamConnection
 from proxy.websocket cimport WebSocketRelay
 
 
-cdef class Exchange:
+cdef class Exchange(ResponseSink):
     cdef public bint _active
     cdef public int _attempts
     cdef public object _body_buf
@@ -31,10 +34,8 @@ cdef class Exchange:
     cdef public bytes _url
     cdef public bint _websocket
     cdef public bytes _xff_line
-    cdef public bint closing
     cdef public object color
     cdef public double deadline
-    cdef public bint http11
     cdef public object parser
     cdef public str peer
     cdef public int phase
@@ -48,12 +49,13 @@ cdef class Exchange:
 
     cdef _next_request(self)
     # Called by the upstream connection as the response arrives.
-    cpdef response_head(self, UpstreamConnection conn, int status)
+    cpdef response_head(self, conn, int status)
     cpdef bytes response_extra(self)
     cpdef upstream_activity(self)
-    cpdef response_complete(self, UpstreamConnection conn, bint reusable)
-    cpdef upstream_failed(self, UpstreamConnection conn, exc)
-    cpdef start_tunnel(self, UpstreamConnection conn)
+    @cython.locals(up=UpstreamConnection)
+    cpdef response_complete(self, conn, bint reusable)
+    cpdef upstream_failed(self, conn, exc)
+    cpdef start_tunnel(self, conn)
     cpdef tunnel_data(self, bytes data)
     cpdef tunnel_closed(self)
     cpdef pause_reading_for_upstream(self)

@@ -23,6 +23,7 @@ from proxy.errors import (
     reply_for,
 )
 from proxy.http1 import IDEMPOTENT, Pending
+from proxy.interfaces import ResponseSink
 from proxy.state import Color
 from proxy.websocket import WebSocketRelay
 
@@ -36,17 +37,16 @@ if TYPE_CHECKING:
 from proxy.phases import CLOSED, STREAM, TUNNEL, UPSTREAM
 
 
-class Exchange:
-    # A protocol by duck typing: the compiled build makes it a C type, which cannot
-    # inherit a Python class.
+class Exchange(ResponseSink):
+    # The compiled build makes it a C type deriving from the C type ResponseSink, whose
+    # methods the upstream side calls through a C vtable.
     # Slots: faster attribute access on the hot path and less memory per idle connection.
     __slots__ = (
         "_active", "_attempts", "_body_buf", "_body_bytes", "_chunked", "_connecting", "_extra",
         "_head", "_head_bytes", "_headers", "_method", "_paused", "_queue", "_req_done",
         "_response_started", "_started", "_status", "_trailers", "_tunnel", "_up_out",
-        "_upgrade", "_url", "_websocket", "_xff_line", "closing", "color", "deadline", "http11",
-        "parser", "peer", "phase", "server", "service", "settings", "transport", "up", "upstream",
-        "ws",
+        "_upgrade", "_url", "_websocket", "_xff_line", "color", "deadline", "parser", "peer",
+        "phase", "server", "service", "settings", "transport", "up", "upstream", "ws",
     )  # fmt: skip
 
     server: ProxyServer
@@ -57,8 +57,6 @@ class Exchange:
     peer: str
     phase: int
     deadline: float
-    closing: bool  # send Connection: close and close after this response
-    http11: bool
     up: UpstreamConnection | None
     upstream: Upstream | None
     color: Color | None
@@ -214,14 +212,15 @@ class Exchange:
             self.deadline = self.server.now + self.settings.upstream_response_timeout
 
     def response_complete(self, conn: UpstreamConnection, reusable: bool) -> None:
-        if conn is not self.up:
+        up = self.up  # typed, unlike ``conn`` (the interface's): use it from here on
+        if conn is not up or up is None:
             return
         self.up = None
         if reusable and self._req_done:  # the client closing is no reason to drop the upstream
-            self.server.cpool.release(conn)
+            self.server.cpool.release(up)
         else:
-            conn.client = None
-            conn.close()
+            up.client = None
+            up.close()
         self._end_exchange(aborted=False)
         if self.closing or not self._req_done or self._upgrade:
             self.phase = CLOSED

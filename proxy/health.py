@@ -2,7 +2,8 @@
 
 Each round GETs ``health_check.path`` on every target of both colors at once (any 2xx
 within ``timeout`` passes) and feeds the result to ``record_result``; the request path
-feeds connect failures to the same rule (``ProxyServer.note_connect_failure``). A target
+feeds connect failures to the same rule (``Service.note_connect_failure``;
+``record_result`` lives in ``proxy.pools`` beside the stats it updates). A target
 flips after ``healthy_threshold`` / ``unhealthy_threshold`` consecutive results; the
 pools skip unhealthy ones. One checker serves every service of the process, each at its
 own ``health_check.interval``; each round reads the services, their pools and config
@@ -21,37 +22,13 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from config import HealthCheckConfig
-from proxy.pools import Upstream, UpstreamStats
+from proxy.pools import Upstream, record_result
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
     from proxy.service import Service
 
 log = logging.getLogger("bgproxy.health")
-
-
-def record_result(
-    stats: UpstreamStats, ok: bool, cfg: HealthCheckConfig, error: str | None = None
-) -> bool:
-    """Count one check result against the thresholds; True when ``stats.healthy`` flipped."""
-    if ok:
-        stats.consecutive_fail = 0
-        stats.consecutive_ok += 1
-        if not stats.healthy and stats.consecutive_ok >= cfg.healthy_threshold:
-            stats.healthy = True
-            stats.last_error = None
-            log.warning("target %s is healthy again", stats.url)
-            return True
-        return False
-    stats.consecutive_ok = 0
-    stats.consecutive_fail += 1
-    if error is not None:
-        stats.last_error = error
-    if stats.healthy and stats.consecutive_fail >= cfg.unhealthy_threshold:
-        stats.healthy = False
-        log.warning("target %s is unhealthy (%s), out of rotation", stats.url, stats.last_error)
-        return True
-    return False
 
 
 class HealthChecker:

@@ -7,10 +7,14 @@ that rebuilds the pools (Caddy's Upstream/Host split).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from config import HealthCheckConfig
 from proxy.state import Color
+
+log = logging.getLogger("bgproxy.health")
 
 
 @dataclass(slots=True)
@@ -20,7 +24,6 @@ class UpstreamStats:
     consecutive_ok: int = 0
     consecutive_fail: int = 0
     last_error: str | None = None
-    in_flight: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,30 @@ class Pool:
     @property
     def healthy(self) -> bool:
         return any(u.stats.healthy for u in self.upstreams)
+
+
+def record_result(
+    stats: UpstreamStats, ok: bool, cfg: HealthCheckConfig, error: str | None = None
+) -> bool:
+    """Count one check result against the thresholds; True when ``stats.healthy`` flipped."""
+    if ok:
+        stats.consecutive_fail = 0
+        stats.consecutive_ok += 1
+        if not stats.healthy and stats.consecutive_ok >= cfg.healthy_threshold:
+            stats.healthy = True
+            stats.last_error = None
+            log.warning("target %s is healthy again", stats.url)
+            return True
+        return False
+    stats.consecutive_ok = 0
+    stats.consecutive_fail += 1
+    if error is not None:
+        stats.last_error = error
+    if stats.healthy and stats.consecutive_fail >= cfg.unhealthy_threshold:
+        stats.healthy = False
+        log.warning("target %s is unhealthy (%s), out of rotation", stats.url, stats.last_error)
+        return True
+    return False
 
 
 class StatsRegistry:

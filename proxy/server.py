@@ -29,7 +29,7 @@ from proxy.state import StateStore
 from proxy.upstream import ConnectionPool
 
 if TYPE_CHECKING:
-    from proxy.listener import ClientConnection
+    from proxy.interfaces import Connection
 
 log = logging.getLogger("bgproxy.server")
 
@@ -69,7 +69,7 @@ class ProxyServer:
         self.config = config
         self.settings: Settings = build_settings(config)
         self.cpool = ConnectionPool(config.timeouts.connect, config.timeouts.upstream_keepalive)
-        self.connections: set[ClientConnection] = set()
+        self.connections: set[Connection] = set()
         self.now = self.loop.time()  # coarse clock, advanced by the sweeper
         self.stopping = False
         self.started_at = time.time()
@@ -98,14 +98,15 @@ class ProxyServer:
 
     # -- listening ------------------------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Start accepting, on ``sock`` if given (workers share one), else on ``listen``."""
-        # Imported here: the listener's compiled C type imports this module.
-        from proxy.listener import ClientConnection
-
+    async def start(
+        self, protocol: Callable[[ProxyServer], object], sock: socket.socket | None = None
+    ) -> None:
+        """Start accepting connections served by ``protocol(self)`` (the listener's
+        ``ClientConnection``, passed in by the composition root: the server never imports
+        the request path), on ``sock`` if given (workers share one), else on ``listen``."""
         _untrack_transports(self.loop)
         # The class itself as the factory: a lambda would add a Python call per connection.
-        factory = cast("Callable[[], asyncio.Protocol]", functools.partial(ClientConnection, self))
+        factory = cast("Callable[[], asyncio.Protocol]", functools.partial(protocol, self))
         if sock is None:
             listen = self.config.listen
             srv = await self.loop.create_server(

@@ -6,9 +6,9 @@ counts, traffic counters, the drain and the WebSocket handoff. The request path 
 it once per request (``ServiceTable.match``) and then only calls its counters, which are
 C calls in the compiled build (service.pxd).
 
-A ``Service`` knows its runtime (the ``ProxyServer``) only as an untyped object for the
-clock, the task spawner, the connections and the upstream connection pool: it never
-imports the server, so the compiled modules form no cycle.
+A ``Service`` knows its runtime (the ``ProxyServer``) only through the ``Runtime``
+protocol (proxy/interfaces.py): the clock, the task spawner, the connections and the
+upstream connection pool. It never imports the server, so the modules form no cycle.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 from config import ServiceConfig
 from proxy.drain import DrainController
 from proxy.errors import UpstreamError
-from proxy.health import record_result
-from proxy.pools import Pool, StatsRegistry, Upstream, build_pools
+from proxy.pools import Pool, StatsRegistry, Upstream, build_pools, record_result
 from proxy.settings import Settings
 from proxy.state import COLORS, Color, StateStore
 from proxy.stats import Traffic
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyServer
+    from proxy.interfaces import Runtime
 
 
 def pool_targets(config: ServiceConfig) -> dict[Color, list[tuple[str, str, int]]]:
@@ -40,7 +39,7 @@ def pool_targets(config: ServiceConfig) -> dict[Color, list[tuple[str, str, int]
 class Service:
     # Compiled as a C type (service.pxd): the request path's counters are C calls.
     def __init__(
-        self, runtime: ProxyServer, config: ServiceConfig, settings: Settings, store: StateStore
+        self, runtime: Runtime, config: ServiceConfig, settings: Settings, store: StateStore
     ) -> None:
         self.runtime = runtime
         self.name = config.name

@@ -27,7 +27,6 @@ class Settings:
     override_cookie: bytes
     override_token: bytes | None  # None: overrides need no token
     sticky_cookie: bytes
-    response_header: bytes | None
     request_header_timeout: float
     upstream_response_timeout: float
     idle_timeout: float
@@ -87,7 +86,6 @@ def build_settings(
         override_cookie=routing.override_cookie.encode(),
         override_token=token,
         sticky_cookie=routing.sticky_cookie.encode(),
-        response_header=routing.response_header.encode() if routing.response_header else None,
         request_header_timeout=t.request_header,
         upstream_response_timeout=per_service.upstream_response,
         idle_timeout=t.idle,

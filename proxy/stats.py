@@ -1,6 +1,6 @@
 """Per-color traffic counters for the request path, and windowed views of them.
 
-The request path calls ``Traffic.record`` once per response routed to a color: a few
+The request path calls ``ColorTraffic.record`` once per response routed to a color: a few
 integer increments and one ``bisect`` over a fixed tuple of bucket bounds, no lock, no
 allocation beyond CPython's own ints. Everything else works on *snapshots*
 (cumulative counts at an instant): the difference of two snapshots is the traffic of
@@ -160,9 +160,6 @@ class Traffic:
             [{c: t.snapshot(now) for c, t in self.colors.items()}],
             maxlen=max(2, int(keep / sample_every) + 2),
         )
-
-    def record(self, color: Color, status: int, latency: float) -> None:
-        self.colors[color].record(status, latency)
 
     def sample(self, now: float) -> None:
         """Take a sample if the last one is ``sample_every`` old (called by a coarse timer)."""

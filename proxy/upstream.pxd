@@ -3,7 +3,7 @@
 
 cimport cython
 
-from proxy.exchange cimport Exchange
+from proxy.interfaces cimport ResponseSink
 
 cdef dict _STATUS_LINES
 cdef frozenset _NO_BODY_STATUS
@@ -21,7 +21,7 @@ from proxy.http1 cimport connection_close, field_kind, head_end, line_end, token
 cdef bytes _status_line(int status, bytes reason)
 
 
-cdef _end_head(list lines, Exchange client)
+cdef _end_head(list lines, ResponseSink client)
 
 
 cdef class UpstreamConnection:
@@ -33,7 +33,7 @@ cdef class UpstreamConnection:
     cdef public list _out
     cdef public bytes _reason
     cdef public object _trailers
-    cdef public Exchange client
+    cdef public ResponseSink client
     cdef public bint at_start
     cdef public Py_ssize_t _remaining
     cdef public bint closed
@@ -52,7 +52,7 @@ cdef class UpstreamConnection:
     cdef public object upstream
 
     cdef _reset_exchange(self)
-    cpdef begin(self, Exchange client, bint is_head, bint upgrade)
+    cpdef begin(self, ResponseSink client, bint is_head, bint upgrade)
     cpdef send(self, bytes data)
     cpdef close(self)
     cpdef abort(self)
@@ -71,7 +71,7 @@ cdef class UpstreamConnection:
     cdef bytes _head(self, int status, bytes extra, bint close, bint te)
     @cython.locals(lines=list, has_cl=bint, has_te=bint, name=bytes, value=bytes, low=bytes,
                    kind=int, te=bint)
-    cdef bytes _final_head(self, int status, Exchange client)
+    cdef bytes _final_head(self, int status, ResponseSink client)
 
 
 cdef class ConnectionPool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import httptools
 
@@ -29,10 +29,8 @@ from proxy.http1 import (
     line_end,
     token_end,
 )
+from proxy.interfaces import ResponseSink
 from proxy.pools import Upstream
-
-if TYPE_CHECKING:
-    from proxy.exchange import Exchange
 
 log = logging.getLogger("bgproxy.upstream")
 
@@ -79,7 +77,7 @@ _SPECIAL_BY_LENGTH = by_length(_RESPONSE_SPECIAL)
 _SPECIAL_HINTS = kind_hints(_RESPONSE_SPECIAL)
 
 
-def _end_head(lines: list[bytes], client: Exchange) -> None:
+def _end_head(lines: list[bytes], client: ResponseSink) -> None:
     """The end of a response head for the client, on both reading paths: the client
     connection's own Connection field (the upstream's is never forwarded), the fields the
     proxy adds (``response_extra``) and the blank line."""
@@ -128,7 +126,7 @@ class UpstreamConnection:
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.client: Exchange | None = None
+        self.client: ResponseSink | None = None
         self.connected = asyncio.get_running_loop().create_future()
         self.closed = False
         self.reused = False
@@ -207,7 +205,7 @@ class UpstreamConnection:
 
     # -- the exchange ---------------------------------------------------------------------
 
-    def begin(self, client: Exchange, is_head: bool, upgrade: bool) -> None:
+    def begin(self, client: ResponseSink, is_head: bool, upgrade: bool) -> None:
         self.client = client
         self.is_head = is_head
         self.upgrade_requested = upgrade
@@ -473,7 +471,7 @@ class UpstreamConnection:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    def _final_head(self, status: int, client: Exchange) -> bytes:
+    def _final_head(self, status: int, client: ResponseSink) -> bytes:
         """The response head for the client, and the body framing, in one pass."""
         lines = [_status_line(status, self._reason)]
         has_cl = has_te = False

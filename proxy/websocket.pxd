@@ -2,7 +2,7 @@
 
 cimport cython
 
-from proxy.exchange cimport Exchange
+from proxy.interfaces cimport ResponseSink
 from proxy.upstream cimport UpstreamConnection
 
 
@@ -25,11 +25,10 @@ cdef class FrameTracker:
 cdef class WebSocketRelay:
     cdef public bint _done
     cdef public list _pending
-    cdef public Exchange client
+    cdef public ResponseSink client
     cdef public double close_deadline
     cdef public bint closing
     cdef public FrameTracker down
-    cdef public object handoff
     cdef public bint reconnect_sent
     cdef public FrameTracker up
     cdef public UpstreamConnection upstream

@@ -15,7 +15,7 @@ import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from proxy.exchange import Exchange
+    from proxy.interfaces import ResponseSink
     from proxy.upstream import UpstreamConnection
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE = 0x0, 0x1, 0x2, 0x8
@@ -142,13 +142,12 @@ class WebSocketRelay:
         "close_deadline",
         "closing",
         "down",
-        "handoff",
         "reconnect_sent",
         "up",
         "upstream",
     )
 
-    def __init__(self, client: Exchange, upstream: UpstreamConnection) -> None:
+    def __init__(self, client: ResponseSink, upstream: UpstreamConnection) -> None:
         self.client = client
         self.upstream = upstream
         self.down = FrameTracker()  # upstream -> client
@@ -156,7 +155,6 @@ class WebSocketRelay:
         self._pending: list[bytes] = []
         self.closing = False  # we sent our close frame to the client
         self.reconnect_sent = False
-        self.handoff: object | None = None  # the scheduled handoff, owned by the scheduler
         self.close_deadline = 0.0
         self._done = False
 

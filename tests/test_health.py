@@ -11,8 +11,7 @@ from aiohttp import web
 
 from config import HealthCheckConfig, parse_config
 from conftest import Proxy, StartProxy, Upstream, config_dict, dead_address, start_upstream
-from proxy.health import record_result
-from proxy.pools import UpstreamStats
+from proxy.pools import UpstreamStats, record_result
 
 FAST_CHECKS = {
     "interval": "100ms",
