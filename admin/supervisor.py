@@ -40,6 +40,7 @@ from proxy.state import (
     StateError,
     StateStore,
 )
+from proxy.tasks import Tasks
 
 log = logging.getLogger("bgproxy.workers")
 
@@ -122,7 +123,7 @@ class WorkerPool:
         self.started = False  # every worker has served once: from now on, deaths restart
         self._acked = asyncio.Event()
         self._failed: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
 
     async def __aenter__(self) -> WorkerPool:
         for name, control in self.controls.items():
@@ -198,9 +199,7 @@ class WorkerPool:
     # -- internals -------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, name)
 
     async def _next_ack(self) -> None:
         await self._acked.wait()
@@ -236,11 +235,7 @@ class WorkerPool:
                         log.warning("worker pid %d did not stop in time; killing it", p.pid)
                         with contextlib.suppress(ProcessLookupError):
                             p.kill()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
 
     async def _keep_running(self, slot: Slot) -> None:
         backoff = 0.1

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -67,6 +66,7 @@ from proxy.state import (
     StateStore,
     StoreUnavailable,
 )
+from proxy.tasks import Tasks
 
 log = logging.getLogger("bgproxy.workers")
 
@@ -167,7 +167,7 @@ class Channel:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
         self._server: ProxyServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self.closed = asyncio.Event()  # the supervisor is gone
 
     async def wait_initial(self, timeout: float) -> None:
@@ -187,11 +187,7 @@ class Channel:
         self._spawn(self._report_loop(), "channel-report")
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
         self._writer.close()
 
     def report(self) -> None:
@@ -211,9 +207,7 @@ class Channel:
         self._writer.write(encode_line({"t": "report", "services": services}))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, name)
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg.get("t")

@@ -11,10 +11,10 @@ boundary wins. If none of them claims the path, the request goes to the default 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import Any
 
-T = TypeVar("T")
-_Route = tuple[bytes, bytes, T]
+# (prefix, prefix + "/", service)
+_Route = tuple[bytes, bytes, Any]
 
 # Host headers are the client's: the memo of host -> routes is bounded.
 _MEMO_LIMIT = 4096
@@ -34,15 +34,16 @@ def path_of(target: bytes) -> bytes:
     return target if end < 0 else target[:end]
 
 
-class ServiceTable(Generic[T]):
+class ServiceTable:
     """``match(host, target)`` -> the service, or None. ``only`` is set when one service
-    claims every request (the single-service form): the request path then skips matching."""
+    claims every request (the single-service form): the request path then skips matching.
+    Compiled as a C type (hosts.pxd): matching is one C call per request."""
 
     def __init__(
-        self, claims: Iterable[tuple[T, Iterable[str], Iterable[str]]], default: T | None
+        self, claims: Iterable[tuple[Any, Iterable[str], Iterable[str]]], default: Any
     ) -> None:
         # pattern -> [(prefix, prefix + "/", service)], longest prefix first
-        table: dict[str, list[_Route[T]]] = {}
+        table: dict[str, list[_Route]] = {}
         for service, hosts, paths in claims:
             for host in hosts:
                 routes = table.setdefault(host, [])
@@ -53,19 +54,18 @@ class ServiceTable(Generic[T]):
         self._suffixes = {h[1:]: r for h, r in table.items() if h.startswith("*.")}
         self._any = table.get("*")
         self.default = default
-        self._memo: dict[bytes, list[_Route[T]] | None] = {}
+        self._memo: dict[bytes, list[_Route] | None] = {}
         only = None
         if self._any is not None and len(table) == 1 and len({r[2] for r in self._any}) == 1:
             if any(r[0] == b"/" for r in self._any):
                 only = self._any[0][2]
-        self.only: T | None = only
+        self.only: Any = only
 
-    def _routes(self, host: bytes | None) -> list[_Route[T]] | None:
+    def _routes(self, host: bytes | None) -> list[_Route] | None:
         if host is None:
             return self._any
-        routes = self._memo.get(host, self)  # self: not memoized yet
-        if routes is not self:
-            return routes  # type: ignore[return-value]
+        if host in self._memo:
+            return self._memo[host]
         name = host_name(host)
         found = self._exact.get(name)
         if found is None and self._suffixes:
@@ -82,7 +82,7 @@ class ServiceTable(Generic[T]):
         self._memo[host] = found
         return found
 
-    def match(self, host: bytes | None, target: bytes) -> T | None:
+    def match(self, host: bytes | None, target: bytes) -> Any:
         routes = self._routes(host)
         if routes is not None:
             path = path_of(target)

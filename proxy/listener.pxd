@@ -14,6 +14,7 @@ cdef dict _SPECIAL_BY_LENGTH
 cdef bytes _SPECIAL_HINTS
 
 from proxy.http1 cimport connection_close, field_kind, head_end, is_lower, line_end, token_end
+from proxy.hosts cimport ServiceTable
 from proxy.pools cimport Pool
 from proxy.service cimport Service
 from proxy.router cimport route
@@ -21,6 +22,7 @@ from proxy.router cimport route
 
 cdef class ClientConnection(Exchange):
     cdef _reset_request(self)
+    @cython.locals(table=ServiceTable)
     cdef Service _match_service(self, bytes host, bytes url)
     @cython.locals(start=Py_ssize_t, i=Py_ssize_t, url_end=Py_ssize_t, line=Py_ssize_t, close=int,
                    name_end=Py_ssize_t, value=Py_ssize_t, kind=int, keep_alive=bint,

@@ -485,7 +485,7 @@ class ClientConnection(Exchange):
                 raise Reject(Reply.NOT_FOUND)
         self.service = service
         self.settings = service.settings
-        return service
+        return service  # type: ignore[no-any-return]
 
     def _dispatch(self, method: bytes, version: str, keep_alive: bool, upgrade: bool) -> None:
         server = self.server

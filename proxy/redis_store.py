@@ -48,6 +48,7 @@ from proxy.state import (
     RoutingState,
     StoreUnavailable,
 )
+from proxy.tasks import Tasks
 
 log = logging.getLogger("bgproxy.redis")
 
@@ -203,7 +204,7 @@ class RedisStateStore:
         self._listeners: list[Listener] = []
         self._available = False
         self._down_reason = "not connected yet"
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._closing = False
         self._wake_resync = asyncio.Event()
         self._wake_heartbeat = asyncio.Event()
@@ -366,12 +367,7 @@ class RedisStateStore:
 
     async def close(self) -> None:
         self._closing = True  # loops also stop by themselves, should a cancel get lost
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.cancel_all()
         if self._registered and self._available:
             # Leave the fleet at once rather than after the TTL (best effort).
             with contextlib.suppress(*REDIS_DOWN):
@@ -459,9 +455,7 @@ class RedisStateStore:
     # -- loops ---------------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, name)
 
     async def _resync_loop(self) -> None:
         failures = 0

@@ -15,7 +15,7 @@ cdef class ProxyServer:
     cdef public bint stopping
     cdef public double started_at
     cdef public list _servers
-    cdef public set _tasks
+    cdef public object _tasks
     cdef public double _tick
     cdef public object _bad_requests
     cdef public double _bad_logged_at

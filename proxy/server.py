@@ -26,6 +26,7 @@ from proxy.phases import IDLE
 from proxy.service import Service
 from proxy.settings import Settings, build_settings
 from proxy.state import StateStore
+from proxy.tasks import Tasks
 from proxy.upstream import ConnectionPool
 
 if TYPE_CHECKING:
@@ -74,27 +75,19 @@ class ProxyServer:
         self.stopping = False
         self.started_at = time.time()
         self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks()
         self._tick = _sweep_tick(config)
         self._bad_requests: Counter[int] = Counter()
         self._bad_logged_at = 0.0
         self.services: dict[str, Service] = {}
-        self.table: ServiceTable[Service] = ServiceTable((), None)
+        self.table = ServiceTable((), None)
         self.apply_config(config, stores)
 
     # -- tasks ----------------------------------------------------------------------------
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A named task the server holds a reference to and cancels on stop."""
-        task = self.loop.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        return self._tasks.spawn(coro, name)
 
     # -- listening ------------------------------------------------------------------------
 
@@ -181,13 +174,7 @@ class ProxyServer:
         for conn in list(self.connections):
             conn.abort()
         self.cpool.close_all()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await self._tasks.cancel_all()
         for srv in self._servers:
             await srv.wait_closed()
         self._servers.clear()

@@ -1,0 +1,16 @@
+# Static types for the compiled build of hosts.py (see setup.py).
+
+cimport cython
+
+
+cdef class ServiceTable:
+    cdef public dict _exact
+    cdef public dict _suffixes
+    cdef public object _any
+    cdef public object default
+    cdef public dict _memo
+    cdef public object only
+
+    cpdef _routes(self, bytes host)
+    @cython.locals(routes=list, path=bytes, prefix=bytes, below=bytes)
+    cpdef match(self, bytes host, bytes target)
