@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,20 +173,6 @@ async def open_store(config: Config, service: ServiceConfig) -> AsyncIterator[St
     prefix = key_prefix(config, service.name)
     async with RedisStateStore(config.state.redis_url, prefix, seed) as store:
         yield store
-
-
-@contextlib.asynccontextmanager
-async def open_stores(
-    config: Config, names: Iterable[str] | None = None
-) -> AsyncIterator[dict[str, StateStore]]:
-    """One store per service (those ``names``, else all): one state record and one
-    compare-and-set each."""
-    async with contextlib.AsyncExitStack() as stack:
-        stores: dict[str, StateStore] = {}
-        for svc in config.services:
-            if names is None or svc.name in names:
-                stores[svc.name] = await stack.enter_async_context(open_store(config, svc))
-        yield stores
 
 
 async def connect_store(store: StateStore, config: Config) -> None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from admin.api import ControlPlane, ServiceControl, build_admin_app
-from admin.fleet import connect_store, open_stores
+from admin.fleet import connect_store, open_store
 from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, ServiceConfig, load_config
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
 from proxy.server import ProxyServer
@@ -70,8 +70,10 @@ class Running:
     runner: web.AppRunner | None  # None in a worker: its supervisor serves the admin API
     admin: bool = True
     safety: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
-    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    # Per service: its store's context, and its gates and rollback watch.
+    stores: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     watches: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
+    health: HealthChecker | None = None
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -93,18 +95,24 @@ async def running(
     sock: socket.socket | None = None,
     admin: bool = True,
     data_plane: bool = True,
+    health_checks: bool = True,
 ) -> AsyncIterator[Running]:
     """Start the proxy and its admin API; on exit stop both, at once.
 
     The admin API comes up first so that ``/readyz`` answers 503 while a Redis store is
     awaited; the data plane starts once a routing state is loaded. A worker passes the
     ``stores`` its supervisor feeds, its listening ``sock`` and ``admin=False``; a
-    supervisor runs the admin API with ``data_plane=False`` (its workers serve).
+    supervisor runs the admin API with ``data_plane=False`` (its workers serve) and
+    checks health for them: a worker passes ``health_checks=False``.
     """
     token = admin_token(config) if admin else None
     async with contextlib.AsyncExitStack() as stack:
+        store_stacks: dict[str, contextlib.AsyncExitStack] = {}
+        stack.push_async_callback(_close_all, store_stacks)
         if stores is None:
-            stores = await stack.enter_async_context(open_stores(config))
+            stores = {
+                svc.name: await _open_store(store_stacks, config, svc) for svc in config.services
+            }
         server = ProxyServer(config, stores)
         control = ControlPlane(server, token)
         runner = None
@@ -136,8 +144,11 @@ async def running(
                 ) from exc
         # Health checks, gates and the rollback watch: closed first, in reverse, on exit.
         safety = contextlib.AsyncExitStack()
-        await safety.enter_async_context(HealthChecker(server))
-        run = Running(server, control, runner, admin, safety, stack)
+        checker = None
+        if health_checks:
+            checker = await safety.enter_async_context(HealthChecker(server))
+        run = Running(server, control, runner, admin, safety, store_stacks, health=checker)
+        safety.push_async_callback(_close_all, run.watches)
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
             for svc_control in control.services.values():
                 await watch_service(run, svc_control)
@@ -156,7 +167,20 @@ async def watch_service(run: Running, control: ServiceControl) -> None:
     control.gates = await stack.enter_async_context(Gates(control.service))
     control.rollback = await stack.enter_async_context(RollbackController(control))
     run.watches[control.name] = stack
-    run.safety.push_async_callback(stack.aclose)
+
+
+async def _open_store(
+    stacks: dict[str, contextlib.AsyncExitStack], config: Config, service: ServiceConfig
+) -> StateStore:
+    """``service``'s store, kept open until the service is removed or the process ends."""
+    stack = stacks[service.name] = contextlib.AsyncExitStack()
+    store: StateStore = await stack.enter_async_context(open_store(config, service))
+    return store
+
+
+async def _close_all(stacks: dict[str, contextlib.AsyncExitStack]) -> None:
+    for name in list(stacks):
+        await stacks.pop(name).aclose()
 
 
 async def graceful_stop(run: Running, timeout: float) -> None:
@@ -182,10 +206,12 @@ def reload_config(run: Running, path: str) -> bool:
 
 
 async def _add_services(run: Running, config: Config, names: set[str]) -> None:
+    stores: dict[str, StateStore] = {}
     try:
-        stores = await run.stack.enter_async_context(open_stores(config, names))
-        for store in stores.values():
-            await connect_store(store, config)
+        for svc in config.services:
+            if svc.name in names:
+                stores[svc.name] = await _open_store(run.stores, config, svc)
+                await connect_store(stores[svc.name], config)
     except StoreUnavailable as exc:
         log.error("reload: new services %s not started: %s", ", ".join(sorted(names)), exc)
         return
@@ -199,8 +225,11 @@ async def _follow_services(run: Running) -> None:
     if run.admin:
         for control in added:
             await watch_service(run, control)
-    for name in [n for n in run.watches if n not in run.control.services]:
-        await run.watches.pop(name).aclose()
+    # A removed service's requests in flight hold its objects and finish; its watch and
+    # its store (with Redis: connections, heartbeat, instance records) end now.
+    for stacks in (run.watches, run.stores):
+        for name in [n for n in stacks if n not in run.control.services]:
+            await stacks.pop(name).aclose()
 
 
 def settle_heap() -> None:

@@ -2,6 +2,8 @@
 
 cimport cython
 
+cdef object _UNSEEN
+
 
 cdef class ServiceTable:
     cdef public dict _exact
@@ -11,6 +13,6 @@ cdef class ServiceTable:
     cdef public dict _memo
     cdef public object only
 
-    cpdef _routes(self, bytes host)
-    @cython.locals(routes=list, path=bytes, prefix=bytes, below=bytes)
+    cdef _routes(self, bytes host)
+    @cython.locals(routes=list, path=bytes, prefix=bytes, below=bytes, end=Py_ssize_t)
     cpdef match(self, bytes host, bytes target)

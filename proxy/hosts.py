@@ -15,6 +15,7 @@ from typing import Any
 
 # (prefix, prefix + "/", service)
 _Route = tuple[bytes, bytes, Any]
+_UNSEEN = object()  # not memoized yet (None is a memoized "no routes")
 
 # Host headers are the client's: the memo of host -> routes is bounded.
 _MEMO_LIMIT = 4096
@@ -26,12 +27,6 @@ def host_name(host: bytes) -> str:
     if text.startswith("["):
         return text.partition("]")[0] + "]"
     return text.partition(":")[0].rstrip(".")
-
-
-def path_of(target: bytes) -> bytes:
-    """The path of an origin-form request target (no query)."""
-    end = target.find(b"?")
-    return target if end < 0 else target[:end]
 
 
 class ServiceTable:
@@ -64,8 +59,9 @@ class ServiceTable:
     def _routes(self, host: bytes | None) -> list[_Route] | None:
         if host is None:
             return self._any
-        if host in self._memo:
-            return self._memo[host]
+        memo = self._memo.get(host, _UNSEEN)
+        if memo is not _UNSEEN:
+            return memo  # type: ignore[return-value]
         name = host_name(host)
         found = self._exact.get(name)
         if found is None and self._suffixes:
@@ -85,7 +81,8 @@ class ServiceTable:
     def match(self, host: bytes | None, target: bytes) -> Any:
         routes = self._routes(host)
         if routes is not None:
-            path = path_of(target)
+            end = target.find(b"?")
+            path = target if end < 0 else target[:end]
             for prefix, below, service in routes:
                 if path.startswith(below) or path == prefix:
                     return service

@@ -81,6 +81,10 @@ class Sample:
     latency_sum: float
     counts: tuple[int, ...]
 
+    def at_time(self, at: float) -> Sample:
+        """The same counts, taken at ``at`` (nothing happened since)."""
+        return Sample(at, self.requests, self.errors, self.latency_sum, self.counts)
+
     def since(self, earlier: Sample) -> Window:
         """The traffic between ``earlier`` and this sample."""
         return Window(
@@ -143,6 +147,12 @@ def quantile(counts: tuple[int, ...] | list[int], q: float) -> float | None:
     return LATENCY_BUCKETS[-1]  # pragma: no cover - rank <= total always lands above
 
 
+_IDLE_FIGURES: dict[str, dict[str, float | None]] = {
+    c.value: {"rps": 0.0, "error_rate": 0.0, "p99": None, "requests": 0, "window": HISTORY_EVERY}
+    for c in COLORS
+}
+
+
 class Traffic:
     """Both colors' counters and a ring of recent samples for "the last N seconds"."""
 
@@ -155,6 +165,7 @@ class Traffic:
             maxlen=int(HISTORY_KEEP / HISTORY_EVERY)
         )
         self._history_at = now
+        self._history_requests = 0  # requests counted at the last history point
         # Seeded with an all-zero sample so a window exists from the start.
         self._samples: deque[dict[Color, Sample]] = deque(
             [{c: t.snapshot(now) for c, t in self.colors.items()}],
@@ -162,12 +173,21 @@ class Traffic:
         )
 
     def sample(self, now: float) -> None:
-        """Take a sample if the last one is ``sample_every`` old (called by a coarse timer)."""
-        if now - self._samples[-1][Color.BLUE].at >= self.sample_every:
-            self._samples.append({c: t.snapshot(now) for c, t in self.colors.items()})
+        """Take a sample if the last one is ``sample_every`` old (called by a coarse timer).
+        An idle service (most of them, behind a busy edge) costs next to nothing: its
+        sample reuses the last counts, and its history point is the shared idle one."""
+        last = self._samples[-1]
+        requests = sum(t.requests for t in self.colors.values())
+        if now - last[Color.BLUE].at >= self.sample_every:
+            if requests == sum(s.requests for s in last.values()):
+                self._samples.append({c: s.at_time(now) for c, s in last.items()})
+            else:
+                self._samples.append({c: t.snapshot(now) for c, t in self.colors.items()})
         if now - self._history_at >= HISTORY_EVERY:
             self._history_at = now
-            figures = self.status(now, HISTORY_EVERY)
+            idle = requests == self._history_requests
+            self._history_requests = requests
+            figures = _IDLE_FIGURES if idle else self.status(now, HISTORY_EVERY)
             self.history.append((time.time(), figures))
 
     def history_dict(self) -> dict[str, Any]:

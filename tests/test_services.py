@@ -7,6 +7,7 @@ with a label naming the service and color, so a test sees which app served a req
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
+from admin.rollback import RollbackController
 from admin.runner import reload_config
 from config import ConfigError, parse_config
 from conftest import (
@@ -31,6 +33,7 @@ from conftest import (
     start_upstream,
 )
 from proxy.hosts import ServiceTable
+from proxy.redis_store import RedisStateStore
 
 Apps = dict[str, Upstream]  # "shop-blue" -> its app
 
@@ -538,3 +541,44 @@ async def test_workers_apply_and_acknowledge_each_service_on_its_own(
         assert await counted()
     finally:
         await proc.stop()
+
+
+async def test_reloads_that_add_and_remove_services_leave_nothing_behind(
+    apps: Apps, start_proxy: StartProxy, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    state = {"backend": "redis", "redis_url": redis_server.url()}
+    one = {"shop": {"hosts": ["shop.test"]}, "api": {"hosts": ["api.test"]}}
+    other = {"shop": {"hosts": ["shop.test"]}, "admin": {"hosts": ["adm.test"]}}
+    proxy = await start_proxy(service_config(apps, one, state=state))
+    run = proxy.run
+    path = tmp_path / "bgproxy.yaml"
+
+    async def reload_to(services: dict[str, Any]) -> None:
+        path.write_text(yaml.safe_dump(service_config(apps, services, state=state)))
+        assert reload_config(run, str(path))
+        for _ in range(200):
+            if set(run.control.services) == set(services) and set(run.stores) == set(services):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"reload did not settle: {sorted(run.control.services)}")
+
+    await reload_to(other)
+    await reload_to(one)
+    gc.collect()
+    baseline = (len(run.server._tasks), _live(RollbackController), _live(RedisStateStore))
+    for _ in range(10):
+        await reload_to(other)
+        await reload_to(one)
+    assert await served_by(proxy, "api.test") == (200, "api-blue")
+    gc.collect()
+    # No growth (other tests' leftovers may still be collected, so "at most").
+    after = (len(run.server._tasks), _live(RollbackController), _live(RedisStateStore))
+    assert all(a <= b for a, b in zip(after, baseline, strict=True)), (after, baseline)
+    assert sorted(run.watches) == sorted(run.stores) == ["api", "shop"]
+    # The removed service's store left the fleet: no instance records under its keys.
+    async with Redis.from_url(redis_server.url(), decode_responses=True) as r:
+        assert await r.smembers("bgproxy:svc:admin:instances") == set()
+
+
+def _live(cls: type) -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is cls)
