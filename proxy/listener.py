@@ -213,7 +213,7 @@ class ClientConnection(Exchange):
         ):
             end = head_end(data)
             if 0 < end <= self.settings.max_header_bytes - 4 and self._fast_request(data, end + 4):
-                if len(data) > end + 4 and self.phase != CLOSED:
+                if len(data) > end + 4 and self.phase != CLOSED and not self.closing:
                     self.data_received(data[end + 4 :])  # pipelined: the usual way
                 return
         if phase == IDLE or phase == HEAD:
@@ -355,12 +355,23 @@ class ClientConnection(Exchange):
     def _parse_failed(self, reply: Reply, out: list[bytes]) -> None:
         """A read did not parse. If the error is in a request pipelined behind a running
         exchange, that exchange's bytes were good: send them, and answer the error in its
-        turn (writing it now would cut into the response in flight)."""
-        if self._active and (self._req_done or self._queue):
+        turn (writing it now would cut into the response in flight). Bytes after a
+        request that ends the connection (``Connection: close``, HTTP/1.0) are no request:
+        llhttp refuses them, and they are dropped, as nginx and HAProxy drop them."""
+        queue = self._queue
+        if self._active and (self._req_done or queue):
             self._flush_upstream(out)
-            if not self._queue:
-                self._queue = [Pending()]
-            self._queue[-1].reject = reply
+            if queue:
+                last = queue[-1]
+                if last.complete:
+                    if not last.keep_alive:
+                        return  # after a parked closing request: it is served, then we close
+                    queue.append(Pending())  # the error is in a request not begun yet
+            elif self.closing:
+                return  # after the closing request in flight
+            else:
+                queue = self._queue = [Pending()]
+            queue[-1].reject = reply
             self._pause(4)
             return
         self._up_out = None

@@ -573,6 +573,41 @@ CASES = [
             ),
         ),
     ),
+    # HTTP/1.1 conformance (issue 15): what RFC 9112 allows, nginx and HAProxy take,
+    # and bgproxy once refused; and what it once forwarded but must refuse.
+    # 1. a pipelined request with Connection: close is served; what follows is dropped
+    Case(
+        "pipelined-close-in-the-middle",
+        req(b"/c1") + req(b"/c2", b"GET", b"Connection: close") + req(b"/c3"),
+        (200, 200),
+        (Want("blue", b"GET", b"/c1"), Want("blue", b"GET", b"/c2")),
+    ),
+    Case(
+        "pipelined-two-then-garbage",
+        req(b"/c1") + req(b"/c2") + b"\x00garbage\r\n\r\n",
+        (200, 200, _e(400, 501)),
+        (Want("blue", b"GET", b"/c1"), Want("blue", b"GET", b"/c2")),
+    ),
+    Case(
+        "pipelined-close-first-then-more",
+        req(b"/c1", b"GET", b"Connection: close") + req(b"/c2") + b"\x00garbage",
+        (200,),
+        (Want("blue", b"GET", b"/c1"),),
+    ),
+    Case(
+        "pipelined-close-body-then-more",
+        req(b"/c1")
+        + req(b"/c2", b"POST", b"Connection: close", b"Content-Length: 3", body=b"abc")
+        + req(b"/c3", b"POST", b"Content-Length: 3", body=b"xyz"),
+        (200, 200),
+        (Want("blue", b"GET", b"/c1"), Want("blue", b"POST", b"/c2", b"abc")),
+    ),
+    Case(
+        "pipelined-http10-then-more",
+        req(b"/c1") + req(b"/c2", version=b"HTTP/1.0") + req(b"/c3"),
+        (200, 200),
+        (Want("blue", b"GET", b"/c1"), Want("blue", b"GET", b"/c2")),
+    ),
     # legitimate traffic goes through whole
     Case(
         "pipelined-pair",
