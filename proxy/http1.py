@@ -184,6 +184,19 @@ def origin_form(url: bytes, host: bytes | None) -> bytes:
     return slash + path if slash else b"/"
 
 
+def chunked_only(te: bytes) -> None:
+    """A request's Transfer-Encoding (every field's value, joined with ", ") must be
+    ``chunked`` alone. RFC 9112 §6.1: a coding the server does not understand is answered
+    501 (the proxy decodes none and does not hand them on); a list that does not end in
+    exactly one ``chunked`` has no framing the upstream could be sure to read the same
+    way: 400. Empty list elements are allowed (RFC 9110 §5.6.1)."""
+    codings = [c for c in (c.strip(b" \t").lower() for c in te.split(b",")) if c]
+    if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        raise Reject(Reply.BAD_REQUEST)
+    if len(codings) > 1:
+        raise Reject(Reply.NOT_IMPLEMENTED)
+
+
 def is_http09(data: bytes) -> bool:
     """A complete first line with no HTTP version: an HTTP/0.9 simple request."""
     end = data.find(b"\n")

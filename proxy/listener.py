@@ -44,6 +44,7 @@ from proxy.http1 import (
     Pending,
     Reject,
     by_length,
+    chunked_only,
     connection_close,
     field_kind,
     head_end,
@@ -607,12 +608,10 @@ class ClientConnection(Exchange):
         if host is None:
             if self.http11:
                 raise Reject(Reply.BAD_REQUEST)
-        if te is not None and te.rpartition(b",")[2].strip().lower() != b"chunked":
-            # A request body must end chunked (RFC 9112 §6.3); anything else is a framing
-            # an upstream might read differently.
-            raise Reject(Reply.BAD_REQUEST)
         self._chunked = te is not None
         if te is not None:
+            chunked_only(te)
+            te = b"chunked"  # what the body is re-framed in upstream, whatever the spelling
             self._trailers = []
 
         if override is None:

@@ -608,6 +608,30 @@ CASES = [
         (200, 200),
         (Want("blue", b"GET", b"/c1"), Want("blue", b"GET", b"/c2")),
     ),
+    # 2. transfer codings the proxy does not implement: 501 (RFC 9112 §6.1)
+    Case(
+        "te-gzip-chunked",
+        req(b"/s", b"POST", b"Transfer-Encoding: gzip, chunked") + b"0\r\n\r\n",
+        (501,),
+    ),
+    Case(
+        "te-two-fields-unknown-then-chunked",
+        req(b"/s", b"POST", b"Transfer-Encoding: x", b"Transfer-Encoding: chunked")
+        + b"0\r\n\r\n",
+        (501,),
+    ),
+    Case(
+        "te-identity-chunked",
+        req(b"/s", b"POST", b"Transfer-Encoding: identity, chunked") + b"0\r\n\r\n",
+        (501,),
+    ),
+    Case(
+        "te-empty-list-element",
+        req(b"/te", b"POST", b"Transfer-Encoding: , chunked", b"Connection: close")
+        + b"3\r\nabc\r\n0\r\n\r\n",
+        (200,),
+        (Want("blue", b"POST", b"/te", b"abc", headers=((b"transfer-encoding", b"chunked"),)),),
+    ),
     # legitimate traffic goes through whole
     Case(
         "pipelined-pair",
