@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 
+import httptools
+
 from proxy.errors import Reply
 from proxy.headers import HOP_BY_HOP
 from proxy.settings import OVERRIDE_TOKEN_HEADER
@@ -150,6 +152,16 @@ BODY_BUFFER_LIMIT = 256 * 1024
 NO_TRAILER = frozenset(SPECIAL) | {b"x-bg-color", b"authorization", b"cookie"}
 
 
+def request_parser(protocol: object) -> httptools.HttpRequestParser:
+    """llhttp for requests, strict but for two things RFC 9112 allows and nginx and HAProxy
+    take: white space between a chunk size and its extension (``5 ;ext``, §7.1.1: BWS;
+    the body is re-chunked upstream, so the spelling never reaches it), and an HTTP/1.x
+    version above 1.1, which ``_dispatch`` answers as 1.1 (RFC 9110 §2.5)."""
+    parser = httptools.HttpRequestParser(protocol)
+    parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True, lenient_version=True)
+    return parser
+
+
 def assert_c_parser() -> None:
     """Strictness and speed both rest on llhttp: refuse to run on a pure-Python fallback."""
     from httptools.parser import parser as cparser
@@ -195,6 +207,22 @@ def chunked_only(te: bytes) -> None:
         raise Reject(Reply.BAD_REQUEST)
     if len(codings) > 1:
         raise Reject(Reply.NOT_IMPLEMENTED)
+
+
+def trim_te_ows(data: bytes) -> bytes:
+    """``data`` (part of a request head, from its start or a line's) with the white space
+    that ends a ``Transfer-Encoding`` field line removed. RFC 9110 §5.5: it is no part of
+    the value, and nginx and HAProxy ignore it; llhttp reads ``chunked<HTAB>`` as a coding
+    it does not know and refuses the request. Only whole field lines of the head are
+    touched, never a continuation line (obs-fold stays refused) or a body."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    lines = head.split(b"\r\n")
+    for k in range(1, len(lines)):
+        line = lines[k]
+        if line[:18].lower() == b"transfer-encoding:" and line[-1:] in (b" ", b"\t"):
+            lines[k] = line.rstrip(b" \t")
+    return b"\r\n".join(lines) + (b"" if end < 0 else data[end:])
 
 
 def is_http09(data: bytes) -> bool:

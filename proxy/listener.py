@@ -54,7 +54,9 @@ from proxy.http1 import (
     line_end,
     method_shaped,
     origin_form,
+    request_parser,
     token_end,
+    trim_te_ows,
     valid_ws_key,
 )
 from proxy.phases import CLOSED, HEAD, IDLE, STREAM, TUNNEL, UPSTREAM
@@ -218,6 +220,8 @@ class ClientConnection(Exchange):
                     self.data_received(data[end + 4 :])  # pipelined: the usual way
                 return
         if phase == IDLE or phase == HEAD:
+            if b"\t" in data:  # memchr; a tab in a head is rare
+                data = trim_te_ows(data)
             self._head_bytes += len(data)
         # Everything this read produces for the upstream goes out in one write, and only
         # if the whole read parsed: a smuggling attempt in one packet never leaves here.
@@ -225,7 +229,7 @@ class ClientConnection(Exchange):
         self._up_out = out
         parser = self.parser
         if parser is None:
-            parser = self.parser = httptools.HttpRequestParser(self)
+            parser = self.parser = request_parser(self)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -503,7 +507,9 @@ class ClientConnection(Exchange):
         server = self.server
         s = self.settings = server.settings
         if version != "1.1" and version != "1.0":
-            raise Reject(Reply.VERSION_NOT_SUPPORTED)
+            if not version.startswith("1."):
+                raise Reject(Reply.VERSION_NOT_SUPPORTED)
+            version = "1.1"  # 1.2 and up: answered as 1.1, our highest (RFC 9110 §2.5)
         self.http11 = version == "1.1"
         if method == b"CONNECT":
             raise Reject(Reply.NOT_IMPLEMENTED)

@@ -77,6 +77,18 @@ _SPECIAL_BY_LENGTH = by_length(_RESPONSE_SPECIAL)
 _SPECIAL_HINTS = kind_hints(_RESPONSE_SPECIAL)
 
 
+def _response_parser(protocol: UpstreamConnection) -> httptools.HttpResponseParser:
+    """llhttp for responses. Strict, but RFC 9112 §6.3 settles a response with both
+    Content-Length and Transfer-Encoding (the latter wins; ``_final_head`` removes the
+    former and never reuses the connection), and §7.1.1 allows white space before a
+    chunk extension; nginx and HAProxy take both."""
+    parser = httptools.HttpResponseParser(protocol)
+    parser.set_dangerous_leniencies(
+        lenient_chunked_length=True, lenient_spaces_after_chunk_size=True
+    )
+    return parser
+
+
 def _end_head(lines: list[bytes], client: ResponseSink) -> None:
     """The end of a response head for the client, on both reading paths: the client
     connection's own Connection field (the upstream's is never forwarded), the fields the
@@ -125,7 +137,7 @@ class UpstreamConnection:
         self.pool = pool
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _response_parser(self)
         self.client: ResponseSink | None = None
         self.connected = asyncio.get_running_loop().create_future()
         self.closed = False
@@ -388,7 +400,7 @@ class UpstreamConnection:
         # llhttp cannot be told a response answers HEAD, so it would wait for a body that
         # never comes: stop at the head, and keep the connection only if the head ended
         # exactly at the end of what was read.
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _response_parser(self)
         self.done = True
         if not data.endswith(b"\r\n\r\n"):
             self.request_done = False  # makes it unreusable
@@ -496,12 +508,18 @@ class UpstreamConnection:
                     tokens = connection_tokens(value) - HOP_BY_HOP
                 if tokens:
                     drop = tokens if drop is None else drop | tokens
-        if drop:
+        if has_cl and (has_te or codings is not None):
+            # Transfer-Encoding overrides Content-Length, which must go (RFC 9112 §6.3);
+            # someone may have framed this response by the other one: never reuse.
+            has_cl = False
+            self._keep_alive = False
+            drop = drop or set()
+        if drop is not None:
             # Rare: the upstream named its own hop-by-hop headers in Connection.
             lines = [lines[0]] + [
                 b"%s: %s\r\n" % (n, v) for n, v in self._headers
                 if (n.lower() not in drop and n.lower() not in _RESPONSE_SPECIAL)
-                or n.lower() == b"content-length"
+                or (has_cl and n.lower() == b"content-length")
             ]
         te = False
         if status in _NO_BODY_STATUS:

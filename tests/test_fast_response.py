@@ -63,6 +63,11 @@ def llhttp_reads(data: bytes) -> Parsed:
     """The first response in ``data`` as llhttp reads it; ``error`` if it cannot."""
     p = Parsed()
     p.parser = httptools.HttpResponseParser(p)
+    # As the proxy reads responses: RFC 9112 §6.3 settles Content-Length with
+    # Transfer-Encoding (the latter wins), §7.1.1 allows BWS before a chunk extension.
+    p.parser.set_dangerous_leniencies(
+        lenient_chunked_length=True, lenient_spaces_after_chunk_size=True
+    )
     try:
         p.parser.feed_data(data)
     except httptools.HttpParserError:
@@ -75,6 +80,8 @@ def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     for name, value in headers:
         if name.lower() == b"connection":
             drop |= {t.strip().lower() for t in value.split(b",")}
+        elif name.lower() == b"transfer-encoding":
+            drop.add(b"content-length")  # overridden, and removed (RFC 9112 §6.3)
     return [(n.lower(), v) for n, v in headers if n.lower() not in drop]
 
 
@@ -183,9 +190,14 @@ async def test_every_response_reads_as_llhttp_reads_it(start_proxy: StartProxy) 
                 writer.close()
             got = llhttp_reads(got_bytes)
             fast_eligible += sent.startswith(b"HTTP/1.1 ") and not ref.error
-            if ref.error or (100 <= ref.status < 200):
-                expected: tuple[object, ...] = (502,)
-                observed: tuple[object, ...] = (got.status,)
+            if ref.error and ref.status >= 200:
+                # The head read, the body refused (a chunk size, say): the head was already
+                # on its way, so the client sees a 502 or the response cut short.
+                expected: tuple[object, ...] = (True,)
+                observed: tuple[object, ...] = (got.status in (0, 502) or not got.complete,)
+            elif ref.error or (100 <= ref.status < 200):
+                expected = (502,)
+                observed = (got.status,)
             else:
                 expected = (ref.status, ref.reason, end_to_end(ref.headers), ref.body, True)
                 observed = (got.status, got.reason, end_to_end(got.headers), got.body, got.complete)
