@@ -682,6 +682,10 @@ class ClientConnection(Exchange):
             if te is not None or (content_length is not None and content_length != b"0"):
                 raise Reject(Reply.BAD_REQUEST)
             self.closing = True
+        if is_upgrade:
+            # Unless the upstream switches protocols, the connection closes after the
+            # response (what follows the head is not HTTP): the response must say so.
+            self.closing = True
         self._upgrade = is_upgrade
         self._websocket = (
             is_upgrade and upgrade_value is not None and (upgrade_value.lower() == b"websocket")

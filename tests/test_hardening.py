@@ -672,6 +672,13 @@ CASES = [
         (200,),
         (Want("blue", b"GET", b"/v12"),),
     ),
+    # 6. an Upgrade the upstream did not take: the response says the connection closes
+    Case(
+        "websocket-not-upgraded",
+        req(b"/ws", b"GET", *WS, WS_KEY),
+        (200,),
+        (Want("blue", b"GET", b"/ws"),),
+    ),
     # legitimate traffic goes through whole
     Case(
         "pipelined-pair",
@@ -785,6 +792,8 @@ async def test_raw_request_table(edge: Edge, case: Case) -> None:
         if resp.status >= 400:
             assert len(resp.body) < 100 and b"edge.test" not in resp.body
             assert b"smuggled" not in resp.body
+    # Every case ends with the proxy closing: its last response must say so.
+    assert responses[-1].header(b"connection") == b"close", responses[-1].headers
 
 
 BAD_SECONDS = {
