@@ -21,12 +21,14 @@ cdef extern from *:
     #define PySequence_GetSlice(o, a, b) bg_bytes_slice(o, a, b)
     """
 
-cdef bytes TCHAR, VCHAR
+cdef bytes TCHAR, VCHAR, NAMECHAR
 
 @cython.locals(n=Py_ssize_t, e=Py_ssize_t, c=int)
 cpdef Py_ssize_t head_end(bytes data) except -2
 cpdef Py_ssize_t token_end(bytes data, Py_ssize_t i) except -2
 cpdef Py_ssize_t line_end(bytes data, Py_ssize_t i) except -2
+@cython.locals(i=Py_ssize_t, c=int)
+cpdef bint plain_host(bytes data, Py_ssize_t start, Py_ssize_t end) except -1
 
 @cython.locals(k=Py_ssize_t)
 cpdef bint is_lower(bytes data, Py_ssize_t start, Py_ssize_t end, bytes lowered) except -1

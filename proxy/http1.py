@@ -51,6 +51,18 @@ TCHAR = bytes(
 VCHAR = bytes(1 if c == 9 or 32 <= c <= 126 or c >= 128 else 0 for c in range(256))
 
 
+# Host names the fast path takes: letters, digits, '-', '.', '_', '~' (see plain_host).
+NAMECHAR = bytes(
+    1 if chr(c).isascii() and (chr(c).isalnum() or chr(c) in "-._~") else 0 for c in range(256)
+)
+# RFC 3986 reg-name characters, less pct-encoded and ',' (see valid_host).
+_REG_NAME = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+;="
+)
+_IPV6 = frozenset(b"0123456789abcdefABCDEF:.")
+_DIGITS = frozenset(b"0123456789")
+
+
 def token_end(data: bytes, i: int) -> int:
     """Where the token starting at ``data[i]`` ends (``i`` itself if there is none).
     ``data`` must hold the head's closing CRLF after ``i``: the scans stop on it."""
@@ -68,6 +80,57 @@ def line_end(data: bytes, i: int) -> int:
             return -1
         i += 1
     return i if data[i + 1] == 10 else -1
+
+
+def plain_host(data: bytes, start: int, end: int) -> bool:
+    """The fast path's Host check: ``data[start:end]`` is a name of ``NAMECHAR`` and an
+    optional ``:port`` of digits. Anything else goes to llhttp's path (``valid_host``)."""
+    i = start
+    while i < end and NAMECHAR[data[i]]:
+        i += 1
+    if i == start:
+        return False
+    if i < end:
+        if data[i] != 58:  # ":"
+            return False
+        i += 1
+        while i < end:
+            c = data[i]
+            if c < 48 or c > 57:
+                return False
+            i += 1
+    return True
+
+
+def valid_host(value: bytes) -> bool:
+    """RFC 9112 §3.2 / RFC 3986 §3.2.2: ``host [":" port]``, host a reg-name, an IPv4
+    address or an ``[IPv6]`` literal. Stricter than RFC 3986 where two readers could
+    disagree on the name: no percent-encoding, and no ',' (a list of Host values)."""
+    if value[:1] == b"[":
+        close = value.find(b"]")
+        literal = value[1:close]
+        if close < 0 or b":" not in literal or not _IPV6.issuperset(literal):
+            return False
+        rest = value[close + 1 :]
+        return not rest or (rest[:1] == b":" and _DIGITS.issuperset(rest[1:]))
+    name, _, port = value.partition(b":")
+    return bool(name) and _REG_NAME.issuperset(name) and _DIGITS.issuperset(port)
+
+
+def request_host(headers: list[tuple[bytes, bytes]], http11: bool) -> bytes | None:
+    """The request's one Host value, checked before anything routes by it: 400 for two
+    Host fields, an invalid value (a list among them) or, on HTTP/1.1, none or an empty
+    one (RFC 9112 §3.2). Trailing white space is no part of the value."""
+    host = None
+    for name, value in headers:
+        if len(name) == 4 and name.lower() == b"host":
+            value = value.rstrip(b" \t")
+            if host is not None or not valid_host(value):
+                raise Reject(Reply.BAD_REQUEST)
+            host = value
+    if host is None and http11:
+        raise Reject(Reply.BAD_REQUEST)
+    return host
 
 
 def head_end(data: bytes) -> int:

@@ -13,7 +13,7 @@ cdef bytes _URLCHAR
 cdef dict _SPECIAL_BY_LENGTH
 cdef bytes _SPECIAL_HINTS
 
-from proxy.http1 cimport connection_close, field_kind, head_end, is_lower, line_end, token_end
+from proxy.http1 cimport connection_close, field_kind, head_end, is_lower, line_end, plain_host, token_end
 from proxy.hosts cimport ServiceTable
 from proxy.pools cimport Pool
 from proxy.service cimport Service

@@ -54,9 +54,12 @@ from proxy.http1 import (
     line_end,
     method_shaped,
     origin_form,
+    plain_host,
+    request_host,
     request_parser,
     token_end,
     trim_te_ows,
+    valid_host,
     valid_ws_key,
 )
 from proxy.phases import CLOSED, HEAD, IDLE, STREAM, TUNNEL, UPSTREAM
@@ -316,8 +319,8 @@ class ClientConnection(Exchange):
                 return False
             kind = field_kind(data, line, name_end, _SPECIAL_BY_LENGTH, _SPECIAL_HINTS)
             if kind == H_HOST:
-                if host is not None:
-                    return False
+                if host is not None or not plain_host(data, value, i):
+                    return False  # llhttp's path answers 400 or takes it
                 host = data[value:i]
             elif kind == H_CONN:
                 close = connection_close(data, value, i)
@@ -514,12 +517,9 @@ class ClientConnection(Exchange):
         if method == b"CONNECT":
             raise Reject(Reply.NOT_IMPLEMENTED)
         if server.table.only is None:
-            # The service names the override and sticky fields: find it by Host first.
-            first_host = None
-            for name, value in self._headers:
-                if len(name) == 4 and name.lower() == b"host":
-                    first_host = value
-                    break
+            # The service names the override and sticky fields: find it by Host first,
+            # once Host is known to be one valid value (two layers must not read it apart).
+            first_host = request_host(self._headers, self.http11)
             s = self._match_service(first_host, self._url).settings
         else:
             s = self._match_service(None, self._url).settings
@@ -557,8 +557,9 @@ class ClientConnection(Exchange):
                     continue
                 lines.extend((name, b": ", value, b"\r\n"))
             elif kind == H_HOST:
-                if host is not None:
-                    raise Reject(Reply.BAD_REQUEST)
+                value = value.rstrip(b" \t")
+                if host is not None or not valid_host(value):
+                    raise Reject(Reply.BAD_REQUEST)  # RFC 9112 §3.2
                 host = value
                 lines.extend((name, b": ", value, b"\r\n"))
             elif kind == H_COOKIE:

@@ -672,6 +672,40 @@ CASES = [
         (200,),
         (Want("blue", b"GET", b"/v12"),),
     ),
+    # 5. Host: one valid value (RFC 9112 §3.2, RFC 3986 host [":" port])
+    Case("host-with-slash", req(b"/s", host=b"t.example/evil"), (400,)),
+    Case("host-with-space", req(b"/s", host=b"a b"), (400,)),
+    Case("host-empty-http11", req(b"/s", host=b""), (400,)),
+    Case("host-comma-list", req(b"/s", host=b"a.example, b.example"), (400,)),
+    Case("host-comma-no-space", req(b"/s", host=b"a.example,b.example"), (400,)),
+    Case("host-userinfo", req(b"/s", host=b"u@edge.test"), (400,)),
+    Case("host-percent-encoded", req(b"/s", host=b"%65dge.test"), (400,)),
+    Case("host-bad-port", req(b"/s", host=b"edge.test:8x"), (400,)),
+    Case("host-bad-ipv6", req(b"/s", host=b"[::1"), (400,)),
+    Case(
+        "pipelined-second-bad-host",
+        req(b"/p1") + req(b"/s", b"GET", host=b"a b"),
+        (200, 400),
+        (Want("blue", b"GET", b"/p1"),),
+    ),
+    Case(
+        "host-with-port",
+        req(b"/hp", b"GET", b"Connection: close", host=b"Edge.Test:8080"),
+        (200,),
+        (Want("blue", b"GET", b"/hp", headers=((b"host", b"Edge.Test:8080"),)),),
+    ),
+    Case(
+        "host-ipv6-literal",
+        req(b"/h6", b"GET", b"Connection: close", host=b"[::1]:80"),
+        (200,),
+        (Want("blue", b"GET", b"/h6", headers=((b"host", b"[::1]:80"),)),),
+    ),
+    Case(
+        "host-ipv4",
+        req(b"/h4", b"POST", b"Content-Length: 0", b"Connection: close", host=b"10.0.0.1"),
+        (200,),
+        (Want("blue", b"POST", b"/h4", headers=((b"host", b"10.0.0.1"),)),),
+    ),
     # 6. an Upgrade the upstream did not take: the response says the connection closes
     Case(
         "websocket-not-upgraded",
@@ -794,6 +828,42 @@ async def test_raw_request_table(edge: Edge, case: Case) -> None:
             assert b"smuggled" not in resp.body
     # Every case ends with the proxy closing: its last response must say so.
     assert responses[-1].header(b"connection") == b"close", responses[-1].headers
+
+
+HOST_BEFORE_MATCH = {
+    "list": (b"GET", (b"Host: edge.test, other.test",)),
+    "list-llhttp-path": (b"POST", (b"Host: edge.test, other.test", b"Content-Length: 0")),
+    "two-fields-first-matches": (b"GET", (b"Host: edge.test", b"Host: other.test")),
+    "invalid-no-service": (b"GET", (b"Host: nowhere.test/x",)),
+    "empty": (b"GET", (b"Host: ",)),
+    "missing": (b"GET", ()),
+}
+
+
+@pytest.mark.parametrize("method,fields", HOST_BEFORE_MATCH.values(), ids=HOST_BEFORE_MATCH.keys())
+async def test_host_is_validated_before_the_service_is_matched(
+    recorders: dict[str, Recorder],
+    start_proxy: StartProxy,
+    method: bytes,
+    fields: tuple[bytes, ...],
+) -> None:
+    """With services routed by Host, an invalid Host is a 400 before matching (never a
+    404, never another service): two layers must not read the Host apart."""
+    config = edge_config(recorders)
+    pools = config.pop("upstreams")
+    config["services"] = {
+        "edge": {"hosts": ["edge.test", "barrier"], "upstreams": pools},
+        "other": {"hosts": ["other.test"], "upstreams": pools},
+    }
+    proxy = await start_proxy(config)
+    edge = Edge(proxy, recorders, recorders["blue"].journal)
+    got = await exchange(edge.addr, req(b"/h", method, *fields, b"Connection: close", host=None))
+    assert got.closed
+    assert [r.status for r in parse_responses(got.data)] == [400], got.data
+    ok = await exchange(edge.addr, req(b"/ok", b"GET", b"Connection: close"))
+    assert [r.status for r in parse_responses(ok.data)] == [200]
+    await edge.barrier()
+    assert [s.path for s in edge.journal] == [b"/ok"]
 
 
 BAD_SECONDS = {
