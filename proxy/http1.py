@@ -215,14 +215,103 @@ BODY_BUFFER_LIMIT = 256 * 1024
 NO_TRAILER = frozenset(SPECIAL) | {b"x-bg-color", b"authorization", b"cookie"}
 
 
-def request_parser(protocol: object) -> httptools.HttpRequestParser:
+class MethodParser(httptools.HttpRequestParser):
+    """A request parser fed a message whose method llhttp does not know under the
+    stand-in ``PUT`` (see ``stand_in``): ``get_method`` gives the real one back, once."""
+
+    def __init__(self, protocol: object, method: bytes) -> None:
+        super().__init__(protocol)
+        self.method: bytes | None = method
+
+    def get_method(self) -> bytes:
+        method = self.method
+        if method is None:
+            return super().get_method()
+        self.method = None
+        return method
+
+
+def request_parser(protocol: object, method: bytes | None = None) -> httptools.HttpRequestParser:
     """llhttp for requests, strict but for two things RFC 9112 allows and nginx and HAProxy
     take: white space between a chunk size and its extension (``5 ;ext``, §7.1.1: BWS;
     the body is re-chunked upstream, so the spelling never reaches it), and an HTTP/1.x
-    version above 1.1, which ``_dispatch`` answers as 1.1 (RFC 9110 §2.5)."""
-    parser = httptools.HttpRequestParser(protocol)
+    version above 1.1, which ``_dispatch`` answers as 1.1 (RFC 9110 §2.5). ``method``:
+    the real method of a first message fed under a stand-in (``MethodParser``)."""
+    if method is None:
+        parser = httptools.HttpRequestParser(protocol)
+    else:
+        parser = MethodParser(protocol, method)
     parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True, lenient_version=True)
     return parser
+
+
+class _Completed:
+    """Counts the messages a throwaway parser completes."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_message_complete(self) -> None:
+        self.n += 1
+
+
+def _completed(data: bytes, end: int) -> int:
+    count = _Completed()
+    try:
+        request_parser(count).feed_data(memoryview(data)[:end])
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        pass
+    return count.n
+
+
+def message_start(data: bytes) -> int:
+    """Where the message llhttp stopped in starts, ``data`` being read from a message
+    boundary: after the messages it completed first (found by parsing prefixes, galloping
+    then halving: cost in proportion to how far in it is) and the empty lines llhttp
+    skips between messages."""
+    n = _completed(data, len(data))
+    start = 0
+    if n:
+        lo, hi = 0, 64  # fewer than n messages end by lo; n end by hi
+        while hi < len(data) and _completed(data, hi) < n:
+            lo, hi = hi, hi * 2
+        hi = min(hi, len(data))
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _completed(data, mid) < n:
+                lo = mid
+            else:
+                hi = mid
+        start = hi
+    while start < len(data) and (data[start] == 13 or data[start] == 10):
+        start += 1
+    return start
+
+
+def stand_in(data: bytes) -> tuple[bytes, bytes] | Reply:
+    """llhttp refused the method of a request in ``data`` (read from a message boundary):
+    it knows a fixed list, while methods are an open set (RFC 9110 §9.1) and nginx and
+    HAProxy forward any token. Returns that request onwards with the method replaced by
+    ``PUT`` (one llhttp frames like any other: by Content-Length or chunked) and the real
+    method, for ``request_parser``; or the reply when it is no method: 400 if not a token
+    followed by a space, 501 if it has lower-case letters (``head`` must never reach an
+    upstream that would answer it as HEAD while we wait for a body) or is not whole in
+    this read."""
+    start = message_start(data)
+    i = start
+    n = len(data)
+    while i < n and TCHAR[data[i]]:
+        i += 1
+    method = data[start:i]
+    if i == n:
+        return Reply.NOT_IMPLEMENTED if method else Reply.BAD_REQUEST
+    if not method or data[i] != 32:
+        return Reply.BAD_REQUEST
+    if method.upper() != method:
+        return Reply.NOT_IMPLEMENTED
+    return b"PUT" + data[i:], method
 
 
 def assert_c_parser() -> None:

@@ -57,6 +57,7 @@ from proxy.http1 import (
     plain_host,
     request_host,
     request_parser,
+    stand_in,
     token_end,
     trim_te_ows,
     valid_host,
@@ -233,29 +234,50 @@ class ClientConnection(Exchange):
         parser = self.parser
         if parser is None:
             parser = self.parser = request_parser(self)
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._flush_upstream(out)
-            self._after_upgrade_head(data[exc.args[0] :])
-            return
-        except httptools.HttpParserCallbackError as exc:
-            ctx = exc.__context__
-            if isinstance(ctx, Reject):
-                self._parse_failed(ctx.reply, out)
-            else:
-                if ctx is not None and not isinstance(ctx, UpstreamError):
-                    log.exception("internal error handling a request", exc_info=ctx)
-                self._up_out = None
-                self._reply(Reply.BAD_GATEWAY if self.up else Reply.BAD_REQUEST)
-            return
-        except httptools.HttpParserInvalidMethodError:
-            bad = Reply.NOT_IMPLEMENTED if method_shaped(data) else Reply.BAD_REQUEST
-            self._parse_failed(bad, out)
-            return
-        except httptools.HttpParserError:
-            self._parse_failed(Reply.BAD_REQUEST, out)
-            return
+        queue = self._queue
+        # Does this read start a message? Then a method llhttp does not know is readable.
+        boundary = (
+            phase == IDLE
+            or (self._req_done and not queue)
+            or (queue is not None and len(queue) > 0 and queue[-1].complete)
+        )
+        while True:
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                self._flush_upstream(out)
+                self._after_upgrade_head(data[exc.args[0] :])
+                return
+            except httptools.HttpParserCallbackError as exc:
+                ctx = exc.__context__
+                if isinstance(ctx, Reject):
+                    self._parse_failed(ctx.reply, out)
+                else:
+                    if ctx is not None and not isinstance(ctx, UpstreamError):
+                        log.exception("internal error handling a request", exc_info=ctx)
+                    self._up_out = None
+                    self._reply(Reply.BAD_GATEWAY if self.up else Reply.BAD_REQUEST)
+                return
+            except httptools.HttpParserInvalidMethodError:
+                fed = stand_in(data) if boundary else None
+                if fed is None:
+                    fed = Reply.NOT_IMPLEMENTED if method_shaped(data) else Reply.BAD_REQUEST
+                if isinstance(fed, Reply):
+                    self._parse_failed(fed, out)
+                    return
+                # The requests before it parsed (their bytes are in ``out``); a new parser
+                # reads the rest, this request under a stand-in method. It begins the
+                # message again: forget the parked request llhttp had begun for it.
+                queue = self._queue
+                if queue and not queue[-1].head_done:
+                    queue.pop()
+                data, method = fed
+                parser = self.parser = request_parser(self, method)
+                continue
+            except httptools.HttpParserError:
+                self._parse_failed(Reply.BAD_REQUEST, out)
+                return
+            break
         self._flush_upstream(out)
         if self.phase == HEAD:  # the head is still incomplete: never the case on the fast path
             if self._head_bytes > self.settings.max_header_bytes:
