@@ -31,6 +31,8 @@ ODD = [
     b"Connection: close, X-Request-Id", b"Proxy-Connection: close", b"X-Bg-Override-Token: t",
 ]  # fmt: skip
 VALUES = [b"bench", b"*/*", b"en-US,en;q=0.9", b'"abc"', b"x\ty", b"caf\xc3\xa9", b"", b"a b "]
+ODD_HOSTS = [b"Host: t:8080", b"Host: T.x_y-z~", b"Host: [::1]:80", b"Host: t:", b"Host: t:8x"]
+ODD_HOSTS += [b"Host: a b", b"Host: t/x", b"Host: a, b", b"Host: ", b"Host: %74", b"Host: t\t"]
 TARGETS = [b"/", b"/a/b?c=d&e=%20", b"/x#frag", b'/q"', b"/{}", b"/~u/-._", b"http://t/abs"]
 
 
@@ -42,6 +44,8 @@ def generate(rng: random.Random, n: int) -> bytes:
     version = rng.choice([b"HTTP/1.1"] * 8 + [b"HTTP/1.0", b"HTTP/1.2"])
     lines = [b"%s: %s" % (rng.choice(NAMES), rng.choice(VALUES)) for _ in range(rng.randint(0, 4))]
     host = rng.choice([b"Host: t", b"Host: t", b"host: t", b"HOST: t ", b"Host:t", b"Host:  t"])
+    if rng.random() < 0.15:  # valid but not plain, or invalid (RFC 9112 §3.2): a 400
+        host = rng.choice(ODD_HOSTS)
     if rng.random() < 0.95:
         lines.insert(rng.randint(0, len(lines)), host)
     if rng.random() < 0.05:
