@@ -226,10 +226,12 @@ async def _follow_services(run: Running) -> None:
         for control in added:
             await watch_service(run, control)
     # A removed service's requests in flight hold its objects and finish; its watch and
-    # its store (with Redis: connections, heartbeat, instance records) end now.
+    # its store (with Redis: connections, heartbeat, instance records) end now. Each
+    # leaves ``run`` once it has ended, so what ``run`` lists is what is still live.
     for stacks in (run.watches, run.stores):
         for name in [n for n in stacks if n not in run.control.services]:
-            await stacks.pop(name).aclose()
+            await stacks[name].aclose()
+            stacks.pop(name, None)  # a reload overlapping this one may have gone first
 
 
 def settle_heap() -> None:
