@@ -3,6 +3,7 @@
 cimport cython
 
 from proxy.interfaces cimport ResponseSink
+from proxy.request cimport Request
 from proxy.server cimport ProxyServer
 from proxy.service cimport Service
 from proxy.upstream cimport UpstreamConnection
@@ -18,20 +19,15 @@ cdef class Exchange(ResponseSink):
     cdef public object _connecting
     cdef public bytes _extra
     cdef public bytes _head
-    cdef public Py_ssize_t _head_bytes
-    cdef public list _headers
-    cdef public bytes _method
     cdef public int _paused
     cdef public object _queue
     cdef public bint _req_done
     cdef public bint _response_started
     cdef public double _started
     cdef public int _status
-    cdef public object _trailers
     cdef public bint _tunnel
     cdef public object _up_out
     cdef public bint _upgrade
-    cdef public bytes _url
     cdef public bint _websocket
     cdef public bytes _xff_line
     cdef public object color
@@ -39,6 +35,8 @@ cdef class Exchange(ResponseSink):
     cdef public object parser
     cdef public str peer
     cdef public int phase
+    cdef public bytes proto_line
+    cdef public Request req
     cdef public ProxyServer server
     cdef public Service service
     cdef public object settings

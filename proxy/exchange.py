@@ -22,8 +22,9 @@ from proxy.errors import (
     error_response,
     reply_for,
 )
-from proxy.http1 import IDEMPOTENT, Pending
+from proxy.http1 import IDEMPOTENT
 from proxy.interfaces import ResponseSink
+from proxy.request import Request
 from proxy.state import Color
 from proxy.websocket import WebSocketRelay
 
@@ -43,10 +44,10 @@ class Exchange(ResponseSink):
     # Slots: faster attribute access on the hot path and less memory per idle connection.
     __slots__ = (
         "_active", "_attempts", "_body_buf", "_body_bytes", "_chunked", "_connecting", "_extra",
-        "_head", "_head_bytes", "_headers", "_method", "_paused", "_queue", "_req_done",
-        "_response_started", "_started", "_status", "_trailers", "_tunnel", "_up_out",
-        "_upgrade", "_url", "_websocket", "_xff_line", "color", "deadline", "parser", "peer",
-        "phase", "server", "service", "settings", "transport", "up", "upstream", "ws",
+        "_head", "_paused", "_queue", "_req_done", "_response_started", "_started", "_status",
+        "_tunnel", "_up_out", "_upgrade", "_websocket", "_xff_line", "color", "deadline",
+        "parser", "peer", "phase", "proto_line", "req", "server", "service", "settings",
+        "transport", "up", "upstream", "ws",
     )  # fmt: skip
 
     server: ProxyServer
@@ -62,15 +63,12 @@ class Exchange(ResponseSink):
     color: Color | None
     ws: WebSocketRelay | None
     _paused: int
-    _queue: list[Pending] | None
+    _queue: list[Request] | None  # requests pipelined behind the running one
     _up_out: list[bytes] | None
     _xff_line: bytes
-    _url: bytes
-    _headers: list[tuple[bytes, bytes]]
-    _head_bytes: int
-    _trailers: list[tuple[bytes, bytes]] | None
+    proto_line: bytes  # X-Forwarded-Proto for this connection's scheme
+    req: Request  # the running request (or, between requests, the next one's start)
     _extra: bytes
-    _method: bytes
     _head: bytes
     _chunked: bool
     _body_buf: list[bytes] | None
@@ -172,7 +170,7 @@ class Exchange(ResponseSink):
             if self.phase == CLOSED:
                 return
             pool = service.pools[upstream.color]
-            if self._method in IDEMPOTENT and self._attempts < len(pool.upstreams):
+            if self.req.method in IDEMPOTENT and self._attempts < len(pool.upstreams):
                 other = pool.pick(exclude=upstream)
                 if other is not None and other is not upstream:
                     self._connect_and_send(other)
@@ -191,7 +189,7 @@ class Exchange(ResponseSink):
         self._body_buf = None
         data = self._head if not buf else self._head + b"".join(buf)
         conn.request_done = self._req_done
-        conn.begin(self, self._method == b"HEAD", self._upgrade)
+        conn.begin(self, self.req.method == b"HEAD", self._upgrade)
         self._to_upstream(data)
         self._resume(2)
 
@@ -236,7 +234,7 @@ class Exchange(ResponseSink):
         if (
             not self._response_started
             and conn.reused
-            and self._method in IDEMPOTENT
+            and self.req.method in IDEMPOTENT
             and self._body_bytes == 0
             and self._attempts < 3
         ):

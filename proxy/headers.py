@@ -34,9 +34,23 @@ PROTECTED = frozenset(
 )
 
 
+# What a client's Connection field may not make us drop from a request: the fields we
+# own, and the options that name no field.
+KEEP_ON_REQUEST = PROTECTED | {b"close", b"keep-alive", b"upgrade"}
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
     """The lowercased option names listed in a ``Connection`` header value."""
     return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def drop_fields(
+    value: bytes, into: set[bytes] | None, keep: frozenset[bytes] = KEEP_ON_REQUEST
+) -> set[bytes]:
+    """The fields a ``Connection`` value names as hop-by-hop (RFC 9110 §7.6.1), less
+    ``keep``, added to ``into`` (from earlier Connection lines of the same head)."""
+    names = connection_tokens(value) - keep
+    return names if into is None else into | names
 
 
 def get_cookie(header: bytes, name: bytes) -> bytes | None:

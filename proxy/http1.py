@@ -1,8 +1,7 @@
 """HTTP/1.1 request syntax the listener needs, decided once per message.
 
 Which request headers the proxy handles itself, the checks llhttp leaves to us
-(HTTP/0.9 lines, WebSocket keys, absolute-form targets), and the parked state of a
-pipelined request.
+(HTTP/0.9 lines, WebSocket keys, absolute-form targets).
 """
 
 from __future__ import annotations
@@ -391,36 +390,3 @@ def valid_ws_key(key: bytes | None) -> bool:
         return len(base64.b64decode(key.strip(), validate=True)) == 16
     except (binascii.Error, ValueError):
         return False
-
-
-class Pending:
-    """A pipelined request parsed while the one before it was still being answered."""
-
-    __slots__ = (
-        "body",
-        "complete",
-        "head_done",
-        "headers",
-        "keep_alive",
-        "method",
-        "reject",
-        "size",
-        "trailers",
-        "upgrade",
-        "url",
-        "version",
-    )
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.head_done = False
-        self.complete = False
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.upgrade = False
-        self.size = 0  # head bytes so far, against limits.max_header_bytes
-        self.reject: Reply | None = None  # a parse error, answered when its turn comes

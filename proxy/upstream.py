@@ -19,7 +19,7 @@ import httptools
 
 from proxy._hotpath import KIND
 from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from proxy.headers import HOP_BY_HOP, connection_tokens
+from proxy.headers import HOP_BY_HOP, drop_fields
 from proxy.http1 import (
     by_length,
     connection_close,
@@ -465,7 +465,7 @@ class UpstreamConnection:
         drop: set[bytes] = set()
         for name, value in self._headers:
             if name.lower() == b"connection":
-                drop |= connection_tokens(value)
+                drop = drop_fields(value, drop, HOP_BY_HOP)
         for name, value in self._headers:
             low = name.lower()
             if low in HOP_BY_HOP or low in drop:
@@ -505,7 +505,7 @@ class UpstreamConnection:
             elif kind == _R_CONN:
                 tokens = _CONN_VALUES.get(value)
                 if tokens is None:
-                    tokens = connection_tokens(value) - HOP_BY_HOP
+                    tokens = drop_fields(value, None, HOP_BY_HOP)
                 if tokens:
                     drop = tokens if drop is None else drop | tokens
         if has_cl and (has_te or codings is not None):
