@@ -26,6 +26,7 @@ from config import SmokeProbe
 from proxy.pools import Upstream
 from proxy.service import Service
 from proxy.state import Color
+from proxy.upstream_tls import aiohttp_tls_failure, request_options
 
 MAX_PROBE_BODY = 1024 * 1024  # expect_body is a substring check: never read more than this
 
@@ -116,7 +117,7 @@ class Gates:
         timeout = aiohttp.ClientTimeout(sock_connect=t.connect, sock_read=t.upstream_response)
         try:
             async with self._session.get(
-                up.url + path, allow_redirects=False, timeout=timeout
+                up.url + path, allow_redirects=False, timeout=timeout, **request_options(up.tls)
             ) as resp:
                 body = b""
                 if want_body:
@@ -130,6 +131,8 @@ class Gates:
                 return Probe(resp.status, body.decode("utf-8", "replace"))
         except TimeoutError:
             return Probe(None, failure="timed out")
+        except aiohttp.ClientSSLError as exc:
+            return Probe(None, failure=aiohttp_tls_failure(exc) or "TLS handshake failed")
         except aiohttp.ClientConnectionError:
             return Probe(None, failure="connection failed")
         except aiohttp.ClientError:

@@ -27,7 +27,7 @@ from proxy.stats import LATENCY_BUCKETS
 if TYPE_CHECKING:
     from admin.api import ControlPlane, ServiceControl
 
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
+UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "protocol")
 TRIGGERS = ("manual", "auto")
 
 
@@ -108,7 +108,7 @@ class ProxyCollector:
 
         errors = CounterMetricFamily(
             "bgproxy_upstream_errors_total",
-            "Failures talking to upstreams, by kind (connect, timeout, protocol).",
+            "Failures talking to upstreams, by kind (connect, tls, timeout, protocol).",
             labels=["service", "color", "kind"],
         )
         kinds = sorted(set(UPSTREAM_ERROR_KINDS) | {k for _, k in server.upstream_errors})

@@ -31,6 +31,7 @@ from .schema import (
     TargetConfig,
     TimeoutsConfig,
     UpstreamsConfig,
+    UpstreamTlsConfig,
     WarmupConfig,
     WebSocketConfig,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "StateConfig",
     "TargetConfig",
     "TimeoutsConfig",
+    "UpstreamTlsConfig",
     "UpstreamsConfig",
     "WarmupConfig",
     "WebSocketConfig",

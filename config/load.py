@@ -16,6 +16,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ import yaml
 from .schema import (
     SERVICE_NAME,
     SERVICE_SECTIONS,
+    TARGET_SCHEMES,
     AdminConfig,
     Config,
     ConfigError,
@@ -42,6 +44,7 @@ from .schema import (
     TargetConfig,
     TimeoutsConfig,
     UpstreamsConfig,
+    UpstreamTlsConfig,
     WarmupConfig,
     WebSocketConfig,
     host_pattern_problem,
@@ -171,7 +174,7 @@ def parse_host_port(value: object) -> HostPort:
 
 
 def parse_target(value: object) -> TargetConfig:
-    """An upstream target "http://host[:port]" (port 80 by default), normalized."""
+    """An upstream target "http(s)://host[:port]" (port 80 or 443 by default), normalized."""
     if not isinstance(value, str):
         raise ValueError(f"expected a URL like http://127.0.0.1:9001, got {_show(value)}")
     text = value.strip()
@@ -181,18 +184,35 @@ def parse_target(value: object) -> TargetConfig:
         parts = urlsplit(text)
     except ValueError as exc:  # e.g. a bad IPv6 literal
         raise ValueError(f"not a valid URL ({exc}): {_show(value)}") from None
-    if parts.scheme != "http":  # urlsplit lowercases the scheme
-        raise ValueError(f"only http:// targets are supported, got {_show(value)}")
+    scheme = parts.scheme  # urlsplit lowercases it
+    if scheme not in TARGET_SCHEMES:
+        raise ValueError(f"expected an http:// or https:// URL, got {_show(value)}")
     if "@" in parts.netloc:
         raise ValueError("credentials in a target URL are not supported")
     if parts.path not in ("", "/"):
         raise ValueError(f"a target is a host and port only, without a path: got {parts.path!r}")
     if parts.query or parts.fragment or text.endswith(("?", "#")):
         raise ValueError("a target URL takes no query or fragment")
-    host, port = _split_host_port(parts.netloc, 80)
+    host, port = _split_host_port(parts.netloc, 443 if scheme == "https" else 80)
     host = host.lower()  # DNS names are case-insensitive; keeps duplicate checks honest
     hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return TargetConfig(url=f"http://{hostport}", host=host, port=port)
+    return TargetConfig(url=f"{scheme}://{hostport}", host=host, port=port, scheme=scheme)
+
+
+def _ca_file(value: object) -> str:
+    """A PEM CA bundle that ssl can load now: a typo fails ``check``, not the first request."""
+    path = _str(value)
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ValueError(f"file not found: {path!r}") from None
+    except PermissionError:
+        raise ValueError(f"cannot read (permission denied): {path!r}") from None
+    except IsADirectoryError:
+        raise ValueError(f"is a directory, expected a PEM file: {path!r}") from None
+    except (ssl.SSLError, OSError, ValueError):
+        raise ValueError(f"no PEM CA certificate in {path!r}") from None
+    return path
 
 
 def parse_network(value: object) -> IPNetwork:
@@ -356,8 +376,14 @@ def _flat(
     return build
 
 
+_upstream_tls = _flat(
+    UpstreamTlsConfig,
+    {"verify": _bool, "ca_file": _optional(_ca_file), "server_name": _optional(_str)},
+)
+
+
 def _pool(errors: list[str], path: str, data: object, base: Any = None) -> PoolConfig | None:
-    s = _Section(errors, path, data, ("targets",))
+    s = _Section(errors, path, data, ("targets", "tls"))
     if not isinstance(data, dict):
         return None  # null was reported by the caller as "required", anything else by _Section
     if s.values.get("targets") is None:
@@ -368,6 +394,8 @@ def _pool(errors: list[str], path: str, data: object, base: Any = None) -> PoolC
         # Some targets failed: checking the rest for duplicates would misnumber them.
         return None
     s.kwargs["targets"] = tuple(targets)
+    if "tls" in s.values:
+        s.nested("tls", _upstream_tls)
     return s.build(PoolConfig)
 
 

@@ -112,28 +112,57 @@ class HostPort:
         return _join_host_port(self.host, self.port)
 
 
+TARGET_SCHEMES = ("http", "https")
+
+
 @dataclass(frozen=True, slots=True)
 class TargetConfig:
-    """One upstream target; ``url`` is always the normalized "http://host:port"."""
+    """One upstream target; ``url`` is always the normalized "http(s)://host:port"."""
 
     url: str
     host: str
     port: int
+    scheme: str = "http"  # "https": TLS to the target, per the pool's ``tls``
 
     def __post_init__(self) -> None:
+        if self.scheme not in TARGET_SCHEMES:
+            raise ValueError(f"scheme must be http or https, got {self.scheme!r}")
         if not valid_host(self.host):
             raise ValueError(f"not a valid host: {self.host!r}")
         if not 1 <= self.port <= 65535:
             raise ValueError("port out of range (1-65535)")
         # Metrics label targets by url, so it must be one canonical spelling.
-        expected = f"http://{_join_host_port(self.host, self.port)}"
+        expected = f"{self.scheme}://{_join_host_port(self.host, self.port)}"
         if self.url != expected:
             raise ValueError(f"url must be the normalized form {expected!r}, got {self.url!r}")
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """How a pool's https:// targets are verified (SPEC "TLS at the edge")."""
+
+    verify: bool = True
+    ca_file: str | None = None  # PEM CA bundle trusted instead of the system's; the loader
+    # checks it is readable, since a path alone is not an invariant
+    server_name: str | None = None  # SNI and the name verified; default: the target's host
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(
+            self.verify or self.ca_file is None,
+            "ca_file",
+            "has no effect with verify: false (remove one of them)",
+        )
+        if self.server_name is not None:
+            ok = valid_host(self.server_name) and not self.server_name.endswith(".")
+            p.check(ok, "server_name", f"not a valid host name: {self.server_name!r}")
+        p.raise_if_any()
+
+
+@dataclass(frozen=True, slots=True)
 class PoolConfig:
     targets: tuple[TargetConfig, ...]
+    tls: UpstreamTlsConfig = UpstreamTlsConfig()  # for its https:// targets
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -142,6 +171,13 @@ class PoolConfig:
         for index, target in enumerate(self.targets):
             earlier = first_seen.setdefault((target.host, target.port), index)
             p.check(earlier == index, f"targets[{index}]", f"duplicate of targets[{earlier}]")
+        if self.tls != UpstreamTlsConfig() and self.targets:
+            # Most likely a target written http:// by mistake: say so rather than ignore it.
+            p.check(
+                any(t.scheme == "https" for t in self.targets),
+                "tls",
+                "applies to https:// targets, and this pool has none",
+            )
         p.raise_if_any()
 
 

@@ -22,6 +22,13 @@ class UpstreamConnectError(UpstreamError):
     status = 502
 
 
+class UpstreamTlsError(UpstreamConnectError):
+    """The TLS handshake with an https:// target failed (e.g. its certificate)."""
+
+    kind = "tls"
+    status = 502
+
+
 class UpstreamTimeout(UpstreamError):
     kind = "timeout"
     status = 504
@@ -64,6 +71,7 @@ class Reply(enum.Enum):
 
 FOR_UPSTREAM_ERROR = {
     UpstreamConnectError: Reply.BAD_GATEWAY,
+    UpstreamTlsError: Reply.BAD_GATEWAY,
     UpstreamTimeout: Reply.GATEWAY_TIMEOUT,
     UpstreamProtocolError: Reply.BAD_GATEWAY,
     NoHealthyUpstream: Reply.SERVICE_UNAVAILABLE,

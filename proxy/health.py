@@ -23,6 +23,7 @@ import aiohttp
 
 from config import HealthCheckConfig
 from proxy.pools import Upstream, record_result
+from proxy.upstream_tls import aiohttp_tls_failure, request_options
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -104,10 +105,14 @@ class HealthChecker:
         assert self._session is not None
         try:
             async with asyncio.timeout(cfg.timeout):
-                async with self._session.get(up.url + cfg.path, allow_redirects=False) as resp:
+                async with self._session.get(
+                    up.url + cfg.path, allow_redirects=False, **request_options(up.tls)
+                ) as resp:
                     status = resp.status
         except TimeoutError:
             return "check timed out"
+        except aiohttp.ClientSSLError as exc:
+            return f"check {aiohttp_tls_failure(exc) or 'TLS handshake failed'}"
         except aiohttp.ClientConnectionError:
             return "check connection failed"
         except aiohttp.ClientError:

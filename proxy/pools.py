@@ -11,8 +11,9 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from config import HealthCheckConfig
+from config import HealthCheckConfig, UpstreamTlsConfig
 from proxy.state import Color
+from proxy.upstream_tls import TlsContexts, UpstreamTls
 
 log = logging.getLogger("bgproxy.health")
 
@@ -35,6 +36,9 @@ class Upstream:
     stats: UpstreamStats = field(compare=False, hash=False)
     # Precomputed so the hot path never formats it.
     host_header: bytes = field(default=b"", compare=False)
+    tls: UpstreamTls | None = field(default=None, compare=False)  # https:// targets
+    # Idle connections are filed under it: the url, plus how an https one is verified.
+    pool_key: str = field(default="", compare=False)
 
 
 class Pool:
@@ -107,17 +111,30 @@ class StatsRegistry:
                 del self._by_url[key]
 
 
+# (url, host, port, tls): tls is the pool's settings for an https:// target, else None.
+Target = tuple[str, str, int, UpstreamTlsConfig | None]
+
+
 def build_pools(
-    targets: dict[Color, list[tuple[str, str, int]]], registry: StatsRegistry
+    targets: dict[Color, list[Target]], registry: StatsRegistry, contexts: TlsContexts
 ) -> dict[Color, Pool]:
     pools: dict[Color, Pool] = {}
     keep: set[tuple[Color, str]] = set()
+    keep_tls: set[UpstreamTlsConfig] = set()
     for color, items in targets.items():
         ups = []
-        for url, host, port in items:
+        for url, host, port, tls_cfg in items:
             keep.add((color, url))
-            hh = (host if port == 80 else f"{host}:{port}").encode()
-            ups.append(Upstream(url, host, port, color, registry.get(color, url), hh))
+            default_port = 80 if tls_cfg is None else 443
+            hh = (host if port == default_port else f"{host}:{port}").encode()
+            tls = None
+            if tls_cfg is not None:
+                keep_tls.add(tls_cfg)
+                tls = contexts.get(url, tls_cfg)
+            key = url if tls is None else tls.key
+            stats = registry.get(color, url)
+            ups.append(Upstream(url, host, port, color, stats, hh, tls, key))
         pools[color] = Pool(color, ups)
     registry.retain(keep)
+    contexts.retain(keep_tls)
     return pools

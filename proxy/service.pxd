@@ -12,6 +12,7 @@ cdef class Service:
     cdef public object settings
     cdef public object store
     cdef public object registry
+    cdef public object tls_contexts
     cdef public dict pools
     cdef public dict in_flight
     cdef public dict websockets

@@ -20,20 +20,25 @@ from typing import TYPE_CHECKING, Any
 from config import ServiceConfig
 from proxy.drain import DrainController
 from proxy.errors import UpstreamError
-from proxy.pools import Pool, StatsRegistry, Upstream, build_pools, record_result
+from proxy.pools import Pool, StatsRegistry, Target, Upstream, build_pools, record_result
 from proxy.settings import Settings
 from proxy.state import COLORS, Color, StateStore
 from proxy.stats import Traffic
+from proxy.upstream_tls import TlsContexts
 
 if TYPE_CHECKING:
     from proxy.interfaces import Runtime
 
 
-def pool_targets(config: ServiceConfig) -> dict[Color, list[tuple[str, str, int]]]:
-    return {
-        Color.BLUE: [(t.url, t.host, t.port) for t in config.upstreams.blue.targets],
-        Color.GREEN: [(t.url, t.host, t.port) for t in config.upstreams.green.targets],
-    }
+def pool_targets(config: ServiceConfig) -> dict[Color, list[Target]]:
+    out: dict[Color, list[Target]] = {}
+    for color in COLORS:
+        pool = config.upstreams.pool(color.value)
+        tls = pool.tls
+        out[color] = [
+            (t.url, t.host, t.port, tls if t.scheme == "https" else None) for t in pool.targets
+        ]
+    return out
 
 
 class Service:
@@ -47,7 +52,10 @@ class Service:
         self.settings = settings
         self.store = store
         self.registry = StatsRegistry()
-        self.pools: dict[Color, Pool] = build_pools(pool_targets(config), self.registry)
+        self.tls_contexts = TlsContexts()
+        self.pools: dict[Color, Pool] = build_pools(
+            pool_targets(config), self.registry, self.tls_contexts
+        )
         self.in_flight: dict[Color, int] = dict.fromkeys(COLORS, 0)
         self.websockets: dict[Color, int] = dict.fromkeys(COLORS, 0)
         # Responses per color and status: a dict per color, no tuple key per request.
@@ -82,7 +90,7 @@ class Service:
         old_urls = self.urls()
         self.config = config
         self.settings = settings
-        self.pools = build_pools(pool_targets(config), self.registry)
+        self.pools = build_pools(pool_targets(config), self.registry, self.tls_contexts)
         return old_urls - self.urls()
 
     def urls(self) -> set[str]:

@@ -80,6 +80,7 @@ cdef class ConnectionPool:
     cdef public int max_idle
     cdef public dict _idle
     cdef public set _all
+    cdef public object tls_log
 
     @cython.locals(stack=list)
     cpdef UpstreamConnection take_idle(self, upstream)

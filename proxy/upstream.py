@@ -18,7 +18,12 @@ from typing import cast
 import httptools
 
 from proxy._hotpath import KIND
-from proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from proxy.errors import (
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTlsError,
+)
 from proxy.headers import HOP_BY_HOP, drop_fields
 from proxy.http1 import (
     by_length,
@@ -31,6 +36,7 @@ from proxy.http1 import (
 )
 from proxy.interfaces import ResponseSink
 from proxy.pools import Upstream
+from proxy.upstream_tls import FailureLog, tls_failure
 
 log = logging.getLogger("bgproxy.upstream")
 
@@ -569,11 +575,13 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.max_idle = max_idle
+        # Stacks by ``Upstream.pool_key``: the url, and for https how it is verified.
         self._idle: dict[str, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
+        self.tls_log = FailureLog()
 
     def take_idle(self, upstream: Upstream) -> UpstreamConnection | None:
-        stack = self._idle.get(upstream.url)
+        stack = self._idle.get(upstream.pool_key)
         while stack:
             conn = stack.pop()
             if not conn.closed:
@@ -586,15 +594,31 @@ class ConnectionPool:
     ) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         conn = UpstreamConnection(self, upstream)
+        tls = upstream.tls
         try:
+            # The budget covers the TLS handshake too: a target that accepts and then
+            # stalls it is as unreachable as one that never accepts.
             async with asyncio.timeout(timeout or self.connect_timeout):
-                await loop.create_connection(
-                    lambda: cast(asyncio.Protocol, conn), upstream.host, upstream.port
-                )
+                if tls is None:
+                    await loop.create_connection(
+                        lambda: cast(asyncio.Protocol, conn), upstream.host, upstream.port
+                    )
+                else:
+                    await loop.create_connection(
+                        lambda: cast(asyncio.Protocol, conn),
+                        upstream.host,
+                        upstream.port,
+                        ssl=tls.context,
+                        server_hostname=tls.server_hostname,
+                    )
         except TimeoutError as exc:
             conn.abort()
             raise UpstreamTimeout("connect timed out") from exc
         except OSError as exc:
+            reason = tls_failure(exc) if tls is not None else None
+            if reason is not None:
+                self.tls_log.note(upstream.url, reason)
+                raise UpstreamTlsError(reason) from exc
             raise UpstreamConnectError("connect failed") from exc
         self._all.add(conn)
         return conn
@@ -610,10 +634,10 @@ class ConnectionPool:
         conn.response_started = False
         conn.done = False
         conn.idle_since = time.monotonic()
-        url = conn.upstream.url
-        stack = self._idle.get(url)
+        key = conn.upstream.pool_key
+        stack = self._idle.get(key)
         if stack is None:  # not setdefault: that builds a list on every release
-            stack = self._idle[url] = []
+            stack = self._idle[key] = []
         if len(stack) >= self.max_idle:
             conn.close()
             return
@@ -621,7 +645,7 @@ class ConnectionPool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
-        stack = self._idle.get(conn.upstream.url)
+        stack = self._idle.get(conn.upstream.pool_key)
         if stack and conn in stack:
             stack.remove(conn)
 
@@ -633,9 +657,9 @@ class ConnectionPool:
                 stack.pop(0).close()
 
     def close_idle(self, urls: set[str] | None = None) -> None:
-        for url, stack in list(self._idle.items()):
-            if urls is None or url in urls:
-                for conn in list(stack):
+        for stack in list(self._idle.values()):
+            for conn in list(stack):
+                if urls is None or conn.upstream.url in urls:
                     conn.close()
 
     def close_all(self) -> None:

@@ -232,10 +232,23 @@ def test_parse_target_normalizes(url: str, normalized: str, host: str, port: int
 
 
 @pytest.mark.parametrize(
+    ("url", "normalized", "port"),
+    [
+        ("https://app", "https://app:443", 443),
+        ("HTTPS://App:8443/", "https://app:8443", 8443),
+    ],
+)
+def test_parse_target_takes_https(url: str, normalized: str, port: int) -> None:
+    assert parse_target(url) == TargetConfig(
+        url=normalized, host="app", port=port, scheme="https"
+    )
+
+
+@pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("https://app:443", "only http:// targets are supported"),
-        ("ws://app", "only http:// targets are supported"),
+        ("ws://app", "expected an http:// or https:// URL"),
+        ("ftp://app", "expected an http:// or https:// URL"),
         ("app:9001", "expected a URL like http://127.0.0.1:9001"),
         ("http://app:99999", "port out of range"),
         ("http://app:0", "port out of range"),
@@ -264,7 +277,7 @@ upstreams:
   blue:
     targets: ["http://127.0.0.1:9001", "http://127.0.0.1:9001/"]
   green:
-    targets: ["http://127.0.0.1:9002", "https://127.0.0.1:9443", "http://127.0.0.1:99999"]
+    targets: ["http://127.0.0.1:9002", "ftp://127.0.0.1:9443", "http://127.0.0.1:99999"]
 health_check:
   intervall: 2s
   healthy_threshold: 0
@@ -298,7 +311,7 @@ def test_bad_document_reports_every_error_with_its_path() -> None:
         ("listen", "port out of range"),
         ("admin.listen", "an IPv6 address needs brackets"),
         ("upstreams.blue.targets[1]", "duplicate of targets[0]"),
-        ("upstreams.green.targets[1]", "only http:// targets are supported"),
+        ("upstreams.green.targets[1]", "expected an http:// or https:// URL"),
         ("upstreams.green.targets[2]", "port out of range"),
         ("health_check.intervall", "unknown key; did you mean 'interval'?"),
         ("health_check.unhealthy_threshold", "expected a whole number, got true"),
@@ -324,7 +337,7 @@ def test_bad_document_reports_every_error_with_its_path() -> None:
         assert len(matching) == 1, (path, errors)
         assert fragment in matching[0]
     assert len(errors) == len(expected), errors  # nothing spurious either
-    assert "upstreams.green.targets[1]: only http:// targets are supported" in str(
+    assert "upstreams.green.targets[1]: expected an http:// or https:// URL" in str(
         ConfigError(errors)
     )
 

@@ -148,10 +148,10 @@ def _check_service_default(key: str, cell: str, schema_default: Any) -> None:
     value = yaml.safe_load(cell[1:-1])
     plain = dict(SERVICE)
     plain.pop(field, None)
-    explicit = {**plain, field: value}
+    explicit = _with(plain, field, value)  # nested for dotted keys (upstreams.blue.tls.x)
     a = parse_config({"services": {"a": plain}}).services[0]
     b = parse_config({"services": {"a": explicit}}).services[0]
-    assert getattr(a, field) == getattr(b, field)
+    assert _get(a, field) == _get(b, field)
 
 
 def test_readme_links_resolve_and_name_every_guide() -> None:
