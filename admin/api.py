@@ -214,6 +214,7 @@ class ControlPlane:
         self.server = server
         self.token = token
         self.ready = False
+        self.acme: Any = None  # proxy.acme.AcmeManager while tls.acme runs here
         self.identity = Identity.for_process()
         self.services: dict[str, ServiceControl] = {}
         self.sync_services()
@@ -431,7 +432,10 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
     async def status(request: web.Request) -> web.Response:
         control = scoped(request)
         await control.fleet.refresh()  # other instances' records as they are now (bounded)
-        return web.json_response(control.status())
+        body = control.status()
+        if cp.acme is not None:
+            body.setdefault("tls", {})["acme"] = cp.acme.status()
+        return web.json_response(body)
 
     async def services(request: web.Request) -> web.Response:
         return web.json_response(

@@ -23,6 +23,8 @@ from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from config import Config, ConfigError, ServiceConfig, load_config
+from proxy.acme import AcmeManager, Http01Answers, Timing
+from proxy.acme_storage import AcmeStorage, FileStorage, RedisStorage
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
 from proxy.server import ProxyServer
@@ -74,6 +76,7 @@ class Running:
     stores: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     watches: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     health: HealthChecker | None = None
+    acme: AcmeManager | None = None
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -96,6 +99,7 @@ async def running(
     admin: bool = True,
     data_plane: bool = True,
     health_checks: bool = True,
+    acme_timing: Timing | None = None,
 ) -> AsyncIterator[Running]:
     """Start the proxy and its admin API; on exit stop both, at once.
 
@@ -152,12 +156,35 @@ async def running(
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
             for svc_control in control.services.values():
                 await watch_service(run, svc_control)
+        if admin and data_plane and config.tls.acme.enabled:
+            run.acme = await safety.enter_async_context(start_acme(server, config, acme_timing))
+            control.acme = run.acme
         control.ready = True
         try:
             yield run
         finally:
             control.ready = False
             await safety.aclose()
+
+
+def start_acme(
+    server: ProxyServer, config: Config, timing: Timing | None = None
+) -> AcmeManager:
+    """The ACME manager for ``tls.acme``, its storage chosen by ``state.backend``.
+
+    It installs into ``Http01Answers``, which also holds the HTTP-01 tokens the plain
+    listener answers; the TLS listener's certificate store (issue 16, proxy/certs.py)
+    takes its place once it is wired here: it has the same ``install``/``select``/
+    ``http01`` interface (``proxy.acme.CertificateStore``)."""
+    acme = config.tls.acme
+    storage: AcmeStorage
+    if config.state.backend == "redis":
+        storage = RedisStorage(config.state.redis_url, config.state.key_prefix)
+    else:
+        storage = FileStorage(acme.storage)
+    answers = Http01Answers()
+    server.acme_http01 = answers
+    return AcmeManager(acme, config.acme_domains(), answers, storage, timing)
 
 
 async def watch_service(run: Running, control: ServiceControl) -> None:

@@ -14,6 +14,7 @@ from .load import (
     parse_target,
 )
 from .schema import (
+    AcmeConfig,
     AdminConfig,
     Config,
     ConfigError,
@@ -30,6 +31,7 @@ from .schema import (
     StateConfig,
     TargetConfig,
     TimeoutsConfig,
+    TlsConfig,
     UpstreamsConfig,
     UpstreamTlsConfig,
     WarmupConfig,
@@ -37,6 +39,7 @@ from .schema import (
 )
 
 __all__ = [
+    "AcmeConfig",
     "AdminConfig",
     "Config",
     "ConfigError",
@@ -53,6 +56,7 @@ __all__ = [
     "StateConfig",
     "TargetConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "UpstreamTlsConfig",
     "UpstreamsConfig",
     "WarmupConfig",

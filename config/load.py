@@ -27,6 +27,7 @@ from .schema import (
     SERVICE_NAME,
     SERVICE_SECTIONS,
     TARGET_SCHEMES,
+    AcmeConfig,
     AdminConfig,
     Config,
     ConfigError,
@@ -43,6 +44,7 @@ from .schema import (
     StateConfig,
     TargetConfig,
     TimeoutsConfig,
+    TlsConfig,
     UpstreamsConfig,
     UpstreamTlsConfig,
     WarmupConfig,
@@ -54,9 +56,9 @@ from .schema import (
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)")
 _DURATION = re.compile(rf"(?:{_DURATION_PART.pattern})+")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _SIZE = re.compile(r"([0-9]+)\s*([A-Za-z]*)")
 # Binary multiples only (nginx's k/m/g mean the same); KB/MB/GB are refused as ambiguous.
@@ -94,7 +96,7 @@ def _show(value: object) -> str:
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like "250ms", "30s", "5m", "1h", "1.5s", "1m30s"."""
+    """Seconds from a number or a string like "250ms", "30s", "5m", "1h", "30d", "1m30s"."""
     error = ValueError(
         f"expected a duration like 5s, 250ms or a number of seconds, got {_show(value)}"
     )
@@ -561,6 +563,32 @@ _SECTIONS: tuple[tuple[str, _Builder], ...] = (
         ),
     ),
 )
+def _acme_domain(value: object) -> str:
+    return _str(value).strip().lower().rstrip(".")
+
+
+def _acme(errors: list[str], path: str, data: object, base: Any = None) -> AcmeConfig | None:
+    keys = tuple(f.name for f in dataclasses.fields(AcmeConfig))
+    s = _Section(errors, path, data, keys)
+    s.take("directory", _optional(_str))
+    s.take("email", _optional(_str))
+    domains = s.take_list("domains", _acme_domain)
+    if domains is not None:
+        s.kwargs["domains"] = tuple(dict.fromkeys(domains))
+    s.take("challenge", _str)
+    s.take("storage", _str)
+    s.take("ca_file", _optional(_ca_file))
+    s.take("renew_before", parse_duration)
+    return s.build(AcmeConfig)
+
+
+def _tls(errors: list[str], path: str, data: object, base: Any = None) -> TlsConfig | None:
+    s = _Section(errors, path, data, ("acme",))
+    s.nested("acme", _acme)
+    return s.build(TlsConfig)
+
+
+_SECTIONS += (("tls", _tls),)
 _TOP_KEYS = (
     "listen", *(key for key, _ in _SECTIONS), "trusted_proxies", "services", "default_service",
 )  # fmt: skip

@@ -405,6 +405,72 @@ def _may_collide(a: HostPort, b: HostPort) -> bool:
     return other is not None and ":" not in other
 
 
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    """Automatic certificates (RFC 8555); off while ``directory`` is None."""
+
+    directory: str | None = None  # the ACME server's directory URL
+    email: str | None = None
+    domains: tuple[str, ...] = ()  # empty: every exact host of every service
+    challenge: str = "http-01"
+    storage: str = "acme/"  # account key, keys and certificates, kept across restarts
+    ca_file: str | None = None  # extra CA trusted for the ACME server itself
+    renew_before: float = 30 * 86400.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        if self.directory is not None:
+            p.check(
+                self.directory.startswith("https://") and len(self.directory) > 8,
+                "directory",
+                f"expected an https:// URL, got {self.directory!r}",
+            )
+        if self.email is not None:
+            local, at, domain = self.email.partition("@")
+            ok = bool(local and at and "." in domain) and " " not in self.email
+            p.check(ok, "email", f"not an email address: {self.email!r}")
+        for i, name in enumerate(self.domains):
+            if name.startswith("*"):
+                p.check(False, f"domains[{i}]", f"HTTP-01 cannot validate a wildcard: {name!r}")
+            else:
+                ok = valid_host(name) and "." in name.strip(".") and not _is_ip(name)
+                p.check(ok, f"domains[{i}]", f"not a DNS name: {name!r}")
+        p.check(
+            self.challenge in ACME_CHALLENGES,
+            "challenge",
+            f"must be 'http-01' or 'tls-alpn-01', got {self.challenge!r}",
+        )
+        # Until the TLS listener can present a challenge certificate for it.
+        p.check(
+            self.challenge != "tls-alpn-01",
+            "challenge",
+            "tls-alpn-01 is not supported yet: use http-01",
+        )
+        p.check(bool(self.storage), "storage", "must name a directory")
+        p.positive("renew_before", self.renew_before)
+        p.raise_if_any()
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    acme: AcmeConfig = AcmeConfig()
+
+
 # A service name goes into URLs, metric labels and Redis keys: keep it plain.
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT_SERVICE = "default"  # the name of the one service of the top-level upstreams form
@@ -486,6 +552,7 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     services: tuple[ServiceConfig, ...] = ()
     default_service: str | None = None
+    tls: TlsConfig = TlsConfig()
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -512,7 +579,24 @@ class Config:
             )
         for problem in claim_conflicts(self.services):
             p.check(False, "services", problem)
+        if self.tls.acme.enabled:
+            p.check(
+                bool(self.acme_domains()),
+                "tls.acme.domains",
+                "nothing to order: list domains, or give services exact host names",
+            )
         p.raise_if_any()
+
+    def acme_domains(self) -> tuple[str, ...]:
+        """The names ACME keeps certificates for: ``tls.acme.domains``, or by default every
+        exact, non-wildcard host name of every service (an IP address cannot be one)."""
+        if self.tls.acme.domains:
+            return self.tls.acme.domains
+        names = (
+            host for svc in self.services for host in svc.hosts
+            if "*" not in host and "." in host and not _is_ip(host.strip("[]"))
+        )  # fmt: skip
+        return tuple(dict.fromkeys(names))
 
     def _only_service(self, upstreams: UpstreamsConfig) -> ServiceConfig:
         return ServiceConfig(

@@ -14,7 +14,7 @@ import hmac
 import logging
 from random import random as roll_dice
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -403,6 +403,9 @@ class ClientConnection(Exchange):
 
     def _match_service(self, host: bytes | None, url: bytes) -> Service:
         """The service this request belongs to (404 if none); its settings apply from here."""
+        acme = self.server.acme_http01
+        if acme is not None and url.startswith(b"/.well-known/acme-challenge/"):
+            self._answer_acme(acme, url)
         table = self.server.table
         service = table.only
         if service is None:
@@ -414,6 +417,15 @@ class ClientConnection(Exchange):
         self.service = service
         self.settings = service.settings
         return service  # type: ignore[no-any-return]
+
+    def _answer_acme(self, acme: Any, url: bytes) -> None:
+        """Answer an ACME HTTP-01 validation request (whatever the Host: the domain being
+        validated may not be a service's yet) and close; the Reject unwinds the caller,
+        whose reply finds the connection already answered."""
+        self.write(acme.answer(url))
+        self.phase = CLOSED
+        self.close()
+        raise Reject(Reply.NOT_FOUND)
 
     def _dispatch(self, req: Request) -> None:
         """A head llhttp read: match its service, read its fields, route and send it."""

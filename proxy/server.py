@@ -81,6 +81,9 @@ class ProxyServer:
         self._bad_logged_at = 0.0
         self.services: dict[str, Service] = {}
         self.table = ServiceTable((), None)
+        # ACME HTTP-01 answers (proxy/acme.py ``Http01Answers``) while ACME runs, else None:
+        # the plain listener answers /.well-known/acme-challenge/ from it.
+        self.acme_http01: Any = None
         self.apply_config(config, stores)
 
     # -- tasks ----------------------------------------------------------------------------

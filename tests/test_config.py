@@ -168,6 +168,7 @@ def test_example_shows_every_key() -> None:
         ("30s", 30.0),
         ("5m", 300.0),
         ("1h", 3600.0),
+        ("30d", 30 * 86400.0),
         ("1.5s", 1.5),
         ("1m30s", 90.0),
         (" 2s ", 2.0),
@@ -182,7 +183,7 @@ def test_parse_duration_accepts(value: object, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["soon", "", "5d", "5 s", "-1s", "s", "1.5.s", True, None, [1], math.inf, math.nan],
+    ["soon", "", "5w", "5 s", "-1s", "s", "1.5.s", True, None, [1], math.inf, math.nan],
 )
 def test_parse_duration_rejects(value: object) -> None:
     with pytest.raises(ValueError, match="expected a duration like 5s, 250ms"):
