@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -23,12 +24,13 @@ from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from config import Config, ConfigError, ServiceConfig, load_config
-from proxy.acme import AcmeManager, Http01Answers, Timing
-from proxy.acme_storage import AcmeStorage, FileStorage, RedisStorage
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
 from proxy.server import ProxyServer
 from proxy.state import StateStore, StoreUnavailable
+
+if TYPE_CHECKING:  # ACME's imports (acme, requests, OpenSSL) load only when it is configured
+    from proxy.acme import AcmeManager, Timing
 
 log = logging.getLogger("bgproxy")
 
@@ -176,6 +178,9 @@ def start_acme(
     listener answers; the TLS listener's certificate store (issue 16, proxy/certs.py)
     takes its place once it is wired here: it has the same ``install``/``select``/
     ``http01`` interface (``proxy.acme.CertificateStore``)."""
+    from proxy.acme import AcmeManager, Http01Answers
+    from proxy.acme_storage import AcmeStorage, FileStorage, RedisStorage
+
     acme = config.tls.acme
     storage: AcmeStorage
     if config.state.backend == "redis":

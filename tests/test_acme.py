@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pebble import Pebble, free_port
 
 from admin.runner import Running, running
+from admin.serve import main_serve
 from config import ConfigError, parse_config
 from conftest import RedisServer, Upstream
 from proxy.acme import Timing
@@ -108,6 +110,14 @@ async def test_orders_at_start_and_the_proxy_answers_http01(
         assert status["account"].startswith(f"https://127.0.0.1:{pebble.port}/")
         assert entry["source"] == "acme" and entry["last_error"] is None
         installed = run.server.acme_http01.installed[SHOP]
+        host, port = run.admin_address
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{host}:{port}/status") as resp,
+        ):
+            shown = (await resp.json())["tls"]["acme"]
+        assert shown["domains"][SHOP]["state"] == "valid"
+        assert shown["directory"] == pebble.directory_url and shown["storage"] == "file"
         assert run.server.acme_http01.http01 == {}  # tokens gone once the order ended
     # Pebble fetched the token from the proxy's plain listener, by the domain's name.
     fetched = pebble.validations()
@@ -283,3 +293,14 @@ def test_acme_config_errors_name_their_key() -> None:
     )
     assert cfg.acme_domains() == ("shop.example.test",)
     assert cfg.tls.acme.renew_before == 10 * 86400
+
+
+def test_acme_with_workers_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bgproxy.yaml"
+    path.write_text(
+        "upstreams: {blue: {targets: ['http://127.0.0.1:9001']},"
+        " green: {targets: ['http://127.0.0.1:9002']}}\n"
+        "tls: {acme: {directory: 'https://acme.test/dir', domains: [shop.example.test]}}\n"
+    )
+    assert main_serve(str(path), 2) == 2
+    assert "tls.acme: not supported with --workers" in capsys.readouterr().err
