@@ -244,9 +244,7 @@ class AcmeManager:
         self._wake: dict[str, asyncio.Event] = {d: asyncio.Event() for d in self.domains}
 
     async def __aenter__(self) -> AcmeManager:
-        self._tasks.spawn(
-            self.storage.follow_challenges(self.store.http01), name="acme-challenges"
-        )
+        self._tasks.spawn(self.storage.follow_challenges(self.store.http01), name="acme-challenges")
         for domain in self.domains:
             self._tasks.spawn(self._keep(domain), name=f"acme:{domain}")
         return self
@@ -326,27 +324,37 @@ class AcmeManager:
                 st.renew_at = None
                 return min(self.timing.recheck, self._seconds_until(self._due(served.not_after)))
         stored = await self.storage.load_certificate(domain)
+        expires = None
         if stored is not None:
             chain, key = stored
-            expires = not_after(chain)
-            if st.not_after is None or expires > st.not_after:
-                self.store.install([domain], chain, key, source="acme")
-                st.not_after, st.source = expires, "acme"
-            if self._seconds_until(self._due(expires)) > 0:
-                st.state, st.attempts, st.last_error = "valid", 0, None
-                st.renew_at = self._due(expires)
-                return min(self.timing.recheck, self._seconds_until(st.renew_at))
+            try:
+                expires = not_after(chain)
+                if st.not_after is None or expires > st.not_after:
+                    self.store.install([domain], chain, key, source="acme")
+                    st.not_after, st.source = expires, "acme"
+            except Exception as exc:  # damaged or mismatched files: order a new one
+                log.warning("ACME: the stored certificate of %s is unusable (%s)", domain, exc)
+                expires = None
+        if expires is not None and self._seconds_until(self._due(expires)) > 0:
+            st.state, st.attempts, st.last_error = "valid", 0, None
+            st.renew_at = self._due(expires)
+            return min(self.timing.recheck, self._seconds_until(st.renew_at))
         if not await self.storage.lock(domain, self.timing.lock_ttl):
             if st.state != "valid":
                 st.state = "waiting"  # another instance orders it
             return self.timing.lock_wait
         try:
+            # Stored while we waited for the lock (another instance just finished)?
+            fresh = await self.storage.load_certificate(domain)
+            if fresh is not None and fresh != stored:
+                return 0.0  # look again: install it, or order if it is due too
             st.state = "ordering"
             chain, key = await self._order(domain)
+            # Stored before the lock goes, so whoever takes it next finds the certificate.
+            await self.storage.save_certificate(domain, chain, key)
         finally:
             with contextlib.suppress(Exception):
                 await self.storage.unlock(domain)
-        await self.storage.save_certificate(domain, chain, key)
         self.store.install([domain], chain, key, source="acme")
         expires = not_after(chain)
         self.orders += 1
@@ -442,6 +450,11 @@ class Http01Answers:
         key_pem: bytes,
         source: str = "acme",
     ) -> None:
+        # Refused as the TLS listener's store refuses it: a key that is not the cert's.
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if cert.public_key() != key.public_key():
+            raise ValueError("the key does not match the certificate")
         for name in names:
             self.installed[name] = (cert_pem, key_pem)
 

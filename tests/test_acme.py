@@ -151,6 +151,26 @@ async def test_a_restart_serves_the_stored_certificate_without_ordering(
         assert run.acme.status()["account"] == account
 
 
+async def test_a_damaged_stored_certificate_is_ordered_again(
+    pebble: Pebble, upstreams: dict[str, Upstream], tmp_path: Path
+) -> None:
+    storage = tmp_path / "acme"
+    async with started(acme_config(pebble, upstreams, storage)) as run:
+        await wait_state(run, SHOP, "valid")
+    other = tmp_path / "other"
+    async with started(acme_config(pebble, upstreams, other, hosts=["other.example.test"])) as run:
+        await wait_state(run, "other.example.test", "valid")
+    # The key of another certificate beside this chain: it cannot be served.
+    (storage / "certs" / SHOP / "key.pem").write_bytes(
+        (other / "certs" / "other.example.test" / "key.pem").read_bytes()
+    )
+    async with started(acme_config(pebble, upstreams, storage)) as run:
+        await wait_state(run, SHOP, "valid")
+        assert run.acme is not None and run.acme.orders == 1
+        chain, key = run.server.acme_http01.installed[SHOP]
+    check_issued(chain, key, SHOP, pebble)
+
+
 async def test_renews_a_certificate_due_for_renewal(
     pebble: Pebble, upstreams: dict[str, Upstream], tmp_path: Path
 ) -> None:
