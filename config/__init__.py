@@ -15,6 +15,7 @@ from .load import (
 )
 from .schema import (
     AdminConfig,
+    CertificateConfig,
     Config,
     ConfigError,
     DrainConfig,
@@ -30,6 +31,7 @@ from .schema import (
     StateConfig,
     TargetConfig,
     TimeoutsConfig,
+    TlsConfig,
     UpstreamsConfig,
     WarmupConfig,
     WebSocketConfig,
@@ -37,6 +39,7 @@ from .schema import (
 
 __all__ = [
     "AdminConfig",
+    "CertificateConfig",
     "Config",
     "ConfigError",
     "DrainConfig",
@@ -52,6 +55,7 @@ __all__ = [
     "StateConfig",
     "TargetConfig",
     "TimeoutsConfig",
+    "TlsConfig",
     "UpstreamsConfig",
     "WarmupConfig",
     "WebSocketConfig",

@@ -41,12 +41,14 @@ from .schema import (
     StateConfig,
     TargetConfig,
     TimeoutsConfig,
+    TlsConfig,
     UpstreamsConfig,
     WarmupConfig,
     WebSocketConfig,
     host_pattern_problem,
     normalize_path,
 )
+from .tls import check_certificates, parse_certificates, parse_min_version
 
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -533,8 +535,35 @@ _SECTIONS: tuple[tuple[str, _Builder], ...] = (
         ),
     ),
 )
+_TLS_KEYS = (
+    "listen", "certificates", "min_version", "alpn", "redirect_http", "hsts", "handshake_timeout",
+)  # fmt: skip
+
+
+def _tls(errors: list[str], path: str, data: object, base: Any = None) -> TlsConfig | None:
+    s = _Section(errors, path, data, _TLS_KEYS)
+    s.take("listen", _optional(parse_host_port))
+    if s.values.get("certificates") is not None:
+        certs, problems = parse_certificates(s.values["certificates"], s.key_path("certificates"))
+        for problem in problems:
+            where, _, message = problem.partition(": ")
+            s.fail(where, message)
+        if certs is not None:
+            s.kwargs["certificates"] = certs
+    s.take("min_version", parse_min_version)
+    alpn = s.take_list("alpn", _str)
+    if alpn is not None:
+        s.kwargs["alpn"] = tuple(alpn)
+    s.take("redirect_http", _bool)
+    s.take("hsts", _optional(_str))
+    s.take("handshake_timeout", parse_duration)
+    return s.build(TlsConfig)
+
+
+_SECTIONS += (("tls", _tls),)
 _TOP_KEYS = (
-    "listen", *(key for key, _ in _SECTIONS), "trusted_proxies", "services", "default_service",
+    "listen", *(key for key, _ in _SECTIONS), "trusted_proxies", "proxy_protocol", "services",
+    "default_service",
 )  # fmt: skip
 _BUILDERS = dict(_SECTIONS)
 _SECTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -631,6 +660,7 @@ def parse_config(data: object) -> Config:
     if networks is not None:
         s.kwargs["trusted_proxies"] = tuple(networks)
     s.take("default_service", _optional(_str))
+    s.take("proxy_protocol", _bool)
     if has_services:
         # Services override the top-level sections key by key: build those first.
         top = {key: s.kwargs.get(key, _SECTION_DEFAULTS[key]) for key in SERVICE_SECTIONS}
@@ -639,6 +669,12 @@ def parse_config(data: object) -> Config:
     config = None if errors else s.build(Config)
     if config is None:
         raise ConfigError(errors)
+    # The files last: a config that is wrong in itself is reported without touching them.
+    cert_errors, warnings = check_certificates(config.tls)
+    if cert_errors:
+        raise ConfigError(cert_errors)
+    # Set in place: replace() would run __post_init__ over the services it filled in.
+    object.__setattr__(config, "warnings", tuple(warnings))
     return config
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 COLORS = ("blue", "green")
 STATE_BACKENDS = ("memory", "redis")
@@ -369,6 +369,61 @@ def _may_collide(a: HostPort, b: HostPort) -> bool:
     return other is not None and ":" not in other
 
 
+MIN_TLS_VERSIONS = ("1.2", "1.3")
+# An ALPN protocol id is 1-255 bytes; the ones worth naming are printable.
+_ALPN = re.compile(r"[!-~]{1,255}")
+# One header value (RFC 6797 directives): printable, no control characters.
+_HSTS = re.compile(r"[ -~]+")
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str  # PEM: the certificate, optionally followed by its chain
+    key: str  # PEM: its private key, unencrypted
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    listen: HostPort | None = None  # None: no HTTPS listener
+    certificates: tuple[CertificateConfig, ...] = ()
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ("http/1.1",)
+    redirect_http: bool = False
+    hsts: str | None = None  # the Strict-Transport-Security value, e.g. "max-age=31536000"
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(
+            self.min_version in MIN_TLS_VERSIONS,
+            "min_version",
+            f'must be "1.2" or "1.3", got {self.min_version!r}',
+        )
+        p.check(len(self.alpn) > 0, "alpn", "must list at least one protocol, e.g. http/1.1")
+        for i, proto in enumerate(self.alpn):
+            p.check(
+                _ALPN.fullmatch(proto) is not None, f"alpn[{i}]", f"not a protocol id: {proto!r}"
+            )
+        if self.hsts is not None:
+            ok = _HSTS.fullmatch(self.hsts) is not None and "max-age" in self.hsts.lower()
+            p.check(
+                ok, "hsts", f'expected a header value like "max-age=31536000", got {self.hsts!r}'
+            )
+        p.positive("handshake_timeout", self.handshake_timeout)
+        if self.listen is not None:
+            p.check(
+                len(self.certificates) > 0,
+                "certificates",
+                "required with tls.listen: a list of {cert: FILE, key: FILE}",
+            )
+        p.check(
+            not self.redirect_http or self.listen is not None,
+            "redirect_http",
+            "needs tls.listen (the HTTPS listener to redirect to)",
+        )
+        p.raise_if_any()
+
+
 # A service name goes into URLs, metric labels and Redis keys: keep it plain.
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT_SERVICE = "default"  # the name of the one service of the top-level upstreams form
@@ -450,9 +505,30 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     services: tuple[ServiceConfig, ...] = ()
     default_service: str | None = None
+    tls: TlsConfig = TlsConfig()
+    # The plain and TLS listeners expect a PROXY protocol header, from trusted_proxies only.
+    proxy_protocol: bool = False
+    # What the loader found worth saying but not refusing (a certificate expiring soon).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         p = _Problems()
+        if self.tls.listen is not None:
+            p.check(
+                not _may_collide(self.tls.listen, self.listen),
+                "tls.listen",
+                f"{self.tls.listen} collides with listen ({self.listen})",
+            )
+            p.check(
+                not _may_collide(self.tls.listen, self.admin.listen),
+                "tls.listen",
+                f"{self.tls.listen} collides with admin.listen ({self.admin.listen})",
+            )
+        p.check(
+            not self.proxy_protocol or bool(self.trusted_proxies),
+            "proxy_protocol",
+            "needs trusted_proxies: a PROXY header is accepted only from them",
+        )
         p.check(
             not _may_collide(self.listen, self.admin.listen),
             "admin.listen",
