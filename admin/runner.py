@@ -23,6 +23,7 @@ from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from config import Config, ConfigError, ServiceConfig, load_config
+from proxy.edge import Edge, bind
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
 from proxy.server import ProxyServer
@@ -80,6 +81,14 @@ class Running:
         return self.server.addresses[0]
 
     @property
+    def tls_address(self) -> tuple[str, int]:
+        """The HTTPS listener's address (``tls.listen``)."""
+        edge = self.server.edge
+        assert edge is not None and edge.tls_listener is not None, "no TLS listener"
+        addr = edge.tls_listener.sock.getsockname()
+        return addr[0], addr[1]
+
+    @property
     def admin_address(self) -> tuple[str, int]:
         assert self.runner is not None, "no admin API in this process"
         site = next(iter(self.runner.sites))
@@ -93,6 +102,7 @@ async def running(
     *,
     stores: dict[str, StateStore] | None = None,
     sock: socket.socket | None = None,
+    tls_sock: socket.socket | None = None,
     admin: bool = True,
     data_plane: bool = True,
     health_checks: bool = True,
@@ -136,12 +146,7 @@ async def running(
         except StoreUnavailable as exc:
             raise StartupError(f"state.redis_url: {exc}") from exc
         if data_plane:
-            try:
-                await server.start(ClientConnection, sock)
-            except OSError as exc:
-                raise StartupError(
-                    f"listen: cannot listen on {config.listen}: {exc.strerror}"
-                ) from exc
+            await _start_listeners(server, config, sock, tls_sock)
         # Health checks, gates and the rollback watch: closed first, in reverse, on exit.
         safety = contextlib.AsyncExitStack()
         checker = None
@@ -158,6 +163,43 @@ async def running(
         finally:
             control.ready = False
             await safety.aclose()
+
+
+async def _start_listeners(
+    server: ProxyServer,
+    config: Config,
+    sock: socket.socket | None,
+    tls_sock: socket.socket | None,
+) -> None:
+    """The plain listener, and with ``tls.listen`` or ``proxy_protocol`` the edge's.
+    Without either, the plain one is uvloop's own server making ``ClientConnection``."""
+    if config.tls.listen is None and not config.proxy_protocol:
+        try:
+            await server.start(ClientConnection, sock)
+        except OSError as exc:
+            raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
+        return
+    edge = server.edge = Edge(server, config)
+    for line in config.warnings:
+        log.warning("%s", line)
+    if config.proxy_protocol:
+        try:
+            edge.listen(sock or bind(config.listen), tls=False)
+        except OSError as exc:
+            raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
+        await server.start(None)
+    else:
+        try:
+            await server.start(edge.plain_factory(), sock)
+        except OSError as exc:
+            raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
+    if config.tls.listen is not None:
+        try:
+            edge.listen(tls_sock or bind(config.tls.listen), tls=True)
+        except OSError as exc:
+            raise StartupError(
+                f"tls.listen: cannot listen on {config.tls.listen}: {exc.strerror}"
+            ) from exc
 
 
 async def watch_service(run: Running, control: ServiceControl) -> None:
@@ -195,6 +237,10 @@ def reload_config(run: Running, path: str) -> bool:
     except ConfigError as exc:
         log.error("reload rejected, keeping the running config:\n%s", exc)
         return False
+    if run.server.edge is not None:
+        run.server.edge.reload(config)  # certificates: a bad file keeps the ones in use
+    for line in config.warnings:
+        log.warning("%s", line)
     added = {svc.name for svc in config.services} - set(run.server.services)
     if not added:
         run.server.apply_config(config)

@@ -19,6 +19,7 @@ cdef class Exchange(ResponseSink):
     cdef public object _connecting
     cdef public bytes _extra
     cdef public bytes _head
+    cdef public object _intercept
     cdef public int _paused
     cdef public object _queue
     cdef public bint _req_done

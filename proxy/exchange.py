@@ -10,6 +10,7 @@ exchange ends (a response, an error reply, a cut stream).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -44,8 +45,8 @@ class Exchange(ResponseSink):
     # Slots: faster attribute access on the hot path and less memory per idle connection.
     __slots__ = (
         "_active", "_attempts", "_body_buf", "_body_bytes", "_chunked", "_connecting", "_extra",
-        "_head", "_paused", "_queue", "_req_done", "_response_started", "_started", "_status",
-        "_tunnel", "_up_out", "_upgrade", "_websocket", "_xff_line", "color", "deadline",
+        "_head", "_intercept", "_paused", "_queue", "_req_done", "_response_started", "_started",
+        "_status", "_tunnel", "_up_out", "_upgrade", "_websocket", "_xff_line", "color", "deadline",
         "parser", "peer", "phase", "proto_line", "req", "server", "service", "settings",
         "transport", "up", "upstream", "ws",
     )  # fmt: skip
@@ -67,6 +68,9 @@ class Exchange(ResponseSink):
     _up_out: list[bytes] | None
     _xff_line: bytes
     proto_line: bytes  # X-Forwarded-Proto for this connection's scheme
+    # None, or what a listener checks before routing (https redirect, ACME HTTP-01):
+    # ``intercept(conn, host, url)`` raises Reject to answer instead of proxying.
+    _intercept: Callable[[Exchange, bytes | None, bytes], None] | None
     req: Request  # the running request (or, between requests, the next one's start)
     _extra: bytes
     _head: bytes

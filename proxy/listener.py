@@ -81,6 +81,7 @@ class ClientConnection(Exchange):
         self._queue: list[Request] | None = None
         self._up_out: list[bytes] | None = None
         self.proto_line = HTTP_PROTO
+        self._intercept = None
         self._reset_request(Request())
 
     def _reset_request(self, req: Request) -> None:
@@ -403,6 +404,8 @@ class ClientConnection(Exchange):
 
     def _match_service(self, host: bytes | None, url: bytes) -> Service:
         """The service this request belongs to (404 if none); its settings apply from here."""
+        if self._intercept is not None:
+            self._intercept(self, host, url)
         table = self.server.table
         service = table.only
         if service is None:
