@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from admin.dashboard import DASHBOARD_PATHS, add_dashboard
 from admin.fleet import Fleet, Identity, default_fleet
 from admin.gates import GateFailed
+from config.tls import CertProblem, inspect_pair
 from proxy import _hotpath
 from proxy.server import ProxyServer
 from proxy.service import Service
@@ -252,6 +253,28 @@ class ControlPlane:
             f"(services: {', '.join(self.services)})",
         )
 
+    def tls_status(self) -> dict[str, Any] | None:
+        """``/status`` ``tls``: the certificates served, and this process's handshakes.
+        A supervisor (``--workers``) serves none itself: it reads the files."""
+        edge = self.server.edge
+        if edge is not None:
+            status: dict[str, Any] = edge.status()
+            return status
+        tls = self.server.config.tls
+        if tls.listen is None:
+            return None
+        certificates = []
+        for cfg in tls.certificates:
+            try:
+                info = inspect_pair(cfg)
+            except CertProblem:
+                continue
+            certificates.append(
+                {"names": list(info.names), "not_after": info.not_after.isoformat(),
+                 "source": "file", "file": cfg.cert}
+            )  # fmt: skip
+        return {"listen": str(tls.listen), "certificates": certificates, "handshakes": None}
+
     @property
     def only(self) -> ServiceControl:
         """The single-service form's one service (tests, workers)."""
@@ -431,7 +454,7 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
     async def status(request: web.Request) -> web.Response:
         control = scoped(request)
         await control.fleet.refresh()  # other instances' records as they are now (bounded)
-        return web.json_response(control.status())
+        return web.json_response({**control.status(), "tls": cp.tls_status()})
 
     async def services(request: web.Request) -> web.Response:
         return web.json_response(

@@ -50,6 +50,32 @@ class ProxyCollector:
                 if kept is not metric:
                     kept.samples.extend(metric.samples)
         yield from families.values()
+        yield from self._tls_metrics()
+
+    def _tls_metrics(self) -> Iterator[Metric]:
+        edge = self.control.server.edge
+        if edge is None:
+            return
+        handshakes = CounterMetricFamily(
+            "bgproxy_tls_handshakes_total",
+            "TLS handshakes on the HTTPS listener, by result (ok, failed, timeout).",
+            labels=["result"],
+        )
+        for result, count in edge.handshakes.items():
+            handshakes.add_metric([result], count)
+        yield handshakes
+        expiry = GaugeMetricFamily(
+            "bgproxy_tls_certificate_expiry_timestamp_seconds",
+            "When each served certificate expires (Unix time), by name.",
+            labels=["name"],
+        )
+        seen: set[str] = set()
+        for cert in edge.certs.certificates:  # the first certificate for a name is served
+            for name in cert.names:
+                if name not in seen:
+                    seen.add(name)
+                    expiry.add_metric([name], cert.not_after.timestamp())
+        yield expiry
 
     def _service_metrics(self, control: ServiceControl) -> Iterator[Metric]:
         server = control.service

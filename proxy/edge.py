@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from config import Config, HostPort
 from proxy.certs import CertError, CertStore
-from proxy.http1 import Reject, origin_form
+from proxy.http1 import Reject, origin_form, request_host
 from proxy.listener import ClientConnection
 from proxy.phases import CLOSED
 from proxy.proxyproto import ProxyHeader, ProxyHeaderError, needed, parse
@@ -88,8 +88,10 @@ def _intercept(conn: Exchange, host: bytes | None, url: bytes) -> None:
             raise Reject(Answer(200, "OK", b"Content-Type: text/plain\r\n", key_auth.encode()))  # type: ignore[arg-type]
         return  # not ours: proxied like any request (an app may answer its own)
     if edge.redirect and edge.https_port:
+        if host is None:  # the single-service form routes without reading Host
+            host = request_host(conn._headers, conn.http11)
         if host is None:
-            return  # HTTP/1.0 without Host: routing answers it as usual
+            return  # HTTP/1.0 without Host: nowhere to redirect to, served as usual
         location = redirect_location(host, url, edge.https_port)
         raise Reject(Answer(308, "Permanent Redirect", b"Location: %s\r\n" % location, b""))  # type: ignore[arg-type]
 
