@@ -259,8 +259,11 @@ class Channel:
         return reply
 
 
-async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) -> int:
+async def _worker(
+    config: Config, path: str, listen_fd: int, channel_fd: int, tls_fd: int | None = None
+) -> int:
     sock = socket.socket(fileno=listen_fd)
+    tls_sock = socket.socket(fileno=tls_fd) if tls_fd is not None else None
     chan = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=chan, limit=CHANNEL_LIMIT)
     channel = Channel(reader, writer, [svc.name for svc in config.services])
@@ -269,7 +272,9 @@ async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) ->
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         stores: dict[str, StateStore] = dict(channel.stores)
-        async with running(config, stores=stores, sock=sock, admin=False) as run:
+        async with running(
+            config, stores=stores, sock=sock, tls_sock=tls_sock, admin=False
+        ) as run:
             channel.start(run.server)
             settle_heap()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -292,6 +297,7 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--tls-listen-fd", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("BGPROXY_LOG_LEVEL", "INFO").upper(),
@@ -304,7 +310,9 @@ def worker_main(argv: list[str]) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     try:
-        return run_loop(_worker(config, args.config, args.listen_fd, args.channel_fd))
+        return run_loop(
+            _worker(config, args.config, args.listen_fd, args.channel_fd, args.tls_listen_fd)
+        )
     except StartupError as exc:
         print(f"bgproxy worker {args.index}: {exc}", file=sys.stderr)
         return exc.code
