@@ -158,10 +158,12 @@ def _run(args: argparse.Namespace) -> int:
         return code
     if cmd == "check":
         try:
-            load_config(args.config)
+            config = load_config(args.config)
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             return 2
+        for warning in config.warnings:  # e.g. a certificate that expires within 14 days
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.config}: ok")
         return 0
     if cmd == "demo":
