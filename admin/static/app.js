@@ -524,6 +524,7 @@
     renderDrain(st);
     renderRollback(st);
     renderInstances(st);
+    renderCertificates(st);
     renderTokenButton();
   }
 
@@ -791,6 +792,31 @@
     } else {
       $("store").hidden = true;
     }
+  }
+
+  // /status "tls": the certificates served, each with days to expiry; under 14 left
+  // is a warning (what `bgproxy check` warns about), expired is an error.
+  function renderCertificates(st) {
+    const tls = st.tls;
+    $("tls-card").hidden = !tls;
+    if (!tls) return;
+    let worst = Infinity;
+    const rows = (tls.certificates || []).map((c) => {
+      const left = (Date.parse(c.not_after) - Date.now()) / 86400000;
+      worst = Math.min(worst, left);
+      const cls = left <= 0 ? "warn-text" : left <= 14 ? "soon-text" : "";
+      const days = left <= 0 ? "expired" : String(Math.floor(left));
+      return h("tr", { class: "cert" },
+        h("td", {}, h("code", { text: (c.names || []).join(", ") })),
+        h("td", {}, h("time", { datetime: c.not_after, title: c.not_after, text: String(c.not_after).slice(0, 10) })),
+        h("td", { class: `num ${cls}`, text: days }),
+        h("td", { text: c.source === "file" && c.file ? `file ${c.file}` : (c.source ?? "") }));
+    });
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: "4", class: "muted", text: "no certificate" })));
+    $("certificates").tBodies[0].replaceChildren(...rows);
+    if (worst <= 0) pill($("tls-state"), "a certificate has EXPIRED", "pill-bad");
+    else if (worst <= 14) pill($("tls-state"), `expires in ${Math.floor(worst)} days`, "pill-warn");
+    else pill($("tls-state"), `https ${tls.listen ?? ""}`, "pill-idle");
   }
 
   function renderEvents(tableId, withService) {
