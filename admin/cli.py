@@ -28,6 +28,7 @@ from admin.cli_output import (
     rollback_line,
 )
 from config import ConfigError, load_config
+from config.tls import warnings as tls_warnings
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 
@@ -162,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             return 2
-        for warning in config.warnings:  # e.g. a certificate that expires within 14 days
+        for warning in tls_warnings(config.tls):  # a certificate expiring within 14 days
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.config}: ok")
         return 0

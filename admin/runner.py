@@ -23,6 +23,7 @@ from admin.gates import Gates
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from config import Config, ConfigError, ServiceConfig, load_config
+from config.tls import warnings as tls_warnings
 from proxy.edge import Edge, bind
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
@@ -180,7 +181,7 @@ async def _start_listeners(
             raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
         return
     edge = server.edge = Edge(server, config)
-    for line in config.warnings:
+    for line in tls_warnings(config.tls):
         log.warning("%s", line)
     if config.proxy_protocol:
         try:
@@ -239,7 +240,7 @@ def reload_config(run: Running, path: str) -> bool:
         return False
     if run.server.edge is not None:
         run.server.edge.reload(config)  # certificates: a bad file keeps the ones in use
-    for line in config.warnings:
+    for line in tls_warnings(config.tls):
         log.warning("%s", line)
     added = {svc.name for svc in config.services} - set(run.server.services)
     if not added:

@@ -670,11 +670,9 @@ def parse_config(data: object) -> Config:
     if config is None:
         raise ConfigError(errors)
     # The files last: a config that is wrong in itself is reported without touching them.
-    cert_errors, warnings = check_certificates(config.tls)
+    cert_errors, _ = check_certificates(config.tls)
     if cert_errors:
         raise ConfigError(cert_errors)
-    # Set in place: replace() would run __post_init__ over the services it filled in.
-    object.__setattr__(config, "warnings", tuple(warnings))
     return config
 
 

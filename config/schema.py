@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 COLORS = ("blue", "green")
 STATE_BACKENDS = ("memory", "redis")
@@ -508,8 +508,6 @@ class Config:
     tls: TlsConfig = TlsConfig()
     # The plain and TLS listeners expect a PROXY protocol header, from trusted_proxies only.
     proxy_protocol: bool = False
-    # What the loader found worth saying but not refusing (a certificate expiring soon).
-    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         p = _Problems()

@@ -159,3 +159,9 @@ def parse_certificates(
         else:
             certs.append(CertificateConfig(cert=item["cert"].strip(), key=item["key"].strip()))
     return (tuple(certs) if not errors else None), errors
+
+
+def warnings(tls: TlsConfig) -> list[str]:
+    """What ``bgproxy check`` and a (re)load say but do not refuse: certificates that
+    expire within ``EXPIRY_WARNING``. The files are read again (a few KiB each)."""
+    return check_certificates(tls)[1]

@@ -43,7 +43,9 @@ def k8s(kind: str, name: str) -> dict[str, Any]:
 
 def test_examples_are_what_the_docs_say() -> None:
     names = sorted(p.name for p in EXAMPLES.iterdir())
-    assert names == ["bgproxy.yaml", "fleet-redis.yaml", "kubernetes.yaml", "services.yaml"]
+    assert names == [
+        "bgproxy.yaml", "fleet-redis.yaml", "kubernetes.yaml", "services.yaml", "tls.yaml",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["bgproxy.yaml", "fleet-redis.yaml", "services.yaml"])
@@ -51,6 +53,24 @@ def test_config_example_passes_bgproxy_check(name: str) -> None:
     got = bgproxy_check(EXAMPLES / name)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip().endswith(": ok")
+
+
+def test_tls_example_passes_bgproxy_check_with_its_certificates_in_place(
+    tmp_path: Path,
+) -> None:
+    """tls.yaml names files under /etc/bgproxy/tls: made here by a test CA, under tmp_path."""
+    from tlskit import TestCA
+
+    ca = TestCA(tmp_path)
+    text = (EXAMPLES / "tls.yaml").read_text(encoding="utf-8")
+    for name in ("shop.example.com", "*.example.com"):
+        ca.issue(name)
+    path = tmp_path / "tls.yaml"
+    path.write_text(text.replace("/etc/bgproxy/tls/", f"{tmp_path}/"), encoding="utf-8")
+    got = bgproxy_check(path)
+    assert got.returncode == 0, got.stderr
+    config = load_config(path)
+    assert str(config.tls.listen) == "0.0.0.0:443" and config.tls.redirect_http
 
 
 def test_kubernetes_configmap_passes_bgproxy_check(tmp_path: Path) -> None:
