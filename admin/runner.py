@@ -240,6 +240,8 @@ def reload_config(run: Running, path: str) -> bool:
         return False
     if run.server.edge is not None:
         run.server.edge.reload(config)  # certificates: a bad file keeps the ones in use
+    elif config.tls.listen is not None or config.proxy_protocol:
+        log.warning("tls.listen and proxy_protocol apply at the next start, not on reload")
     for line in tls_warnings(config.tls):
         log.warning("%s", line)
     added = {svc.name for svc in config.services} - set(run.server.services)

@@ -235,10 +235,14 @@ class EdgeListener:
             log.debug("closing a connection with a bad PROXY header: %s", exc)
         except (TimeoutError, OSError, ssl.SSLError, EOFError) as exc:
             if self.tls:
-                late = loop.time() >= deadline - 0.05 or isinstance(exc, TimeoutError)
+                # The loop's handshake timer aborts with ConnectionAbortedError; only a
+                # passed deadline tells it from other aborts (a busy loop reports a bad
+                # ClientHello late, so time alone would misfile it).
+                late = isinstance(exc, TimeoutError) or (
+                    isinstance(exc, ConnectionAbortedError) and loop.time() >= deadline - 0.01
+                )
                 edge.handshakes["timeout" if late else "failed"] += 1
-            if phase == "tls" and not self.tls:
-                log.debug("plain connection failed to start: %s", exc)
+            log.debug("connection closed before serving (%s): %r", phase, exc)
         finally:
             self.pending -= 1
             if not handed:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +321,116 @@ async def test_status_and_metrics_describe_the_certificates(
     assert len(lines) == 3
     expiry = {line.split('"')[1]: float(line.split()[-1]) for line in lines}
     assert abs(expiry["*.example.com"] - (time.time() + 60 * 86400)) < 3600
+
+
+async def test_a_tls_alpn_01_challenge_certificate_is_served_while_set(
+    upstreams: dict[str, Upstream], start_proxy: StartProxy, ca: TestCA
+) -> None:
+    """The seam ACME's TLS-ALPN-01 uses: a challenge certificate for a name, with ALPN
+    acme-tls/1, served while set; the name's own certificate again once cleared."""
+    leaf = ca.issue("shop.example.com")
+    proxy = await tls_proxy(start_proxy, upstreams, leaf)
+    challenge = ca.issue("shop.example.com", file="challenge")
+    certs = proxy.run.server.edge.certs
+    certs.set_challenge("shop.example.com", challenge.cert_pem, challenge.key_pem)
+    ctx = ca.client_context(alpn=("acme-tls/1",))
+    async with tls_connection(proxy, ca, "shop.example.com", ctx) as (_, writer):
+        assert served(writer) == challenge.serial
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "acme-tls/1"
+    async with tls_connection(proxy, ca, "other.example.com", _unverified(ca)) as (_, writer):
+        assert served(writer) == leaf.serial  # other names are not affected
+    certs.clear_challenge("shop.example.com")
+    async with tls_connection(proxy, ca, "shop.example.com") as (_, writer):
+        assert served(writer) == leaf.serial
+
+
+def _unverified(ca: TestCA) -> ssl.SSLContext:
+    ctx = ca.client_context()
+    ctx.check_hostname = False
+    return ctx
+
+
+async def test_a_soak_of_bad_tls_clients_leaks_no_connection_task_or_descriptor(
+    upstreams: dict[str, Upstream], start_proxy: StartProxy, ca: TestCA
+) -> None:
+    import os
+
+    leaf = ca.issue("shop.example.com")
+    cfg = config_dict(
+        [upstreams["blue"].url],
+        [upstreams["green"].url],
+        tls=tls_section(leaf, handshake_timeout="2s"),
+        # The soak loads the one test upstream hard: a slow health check there must not
+        # turn into 503s here, which are no part of what is measured.
+        health_check={"interval": "1h"},
+    )
+    proxy = await start_proxy(cfg)
+    host, port = proxy.run.tls_address
+    server = proxy.run.server
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def garbage() -> None:
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"\x16\x03\x01\x00\x05hello" + b"\xff" * 64)
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async def stall() -> None:  # half a ClientHello, then nothing: the deadline closes it
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+
+    async def drop_mid_response() -> None:
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=_unverified(ca), server_hostname="unknown.test"
+        )
+        writer.write(b"GET /big?size=400000 HTTP/1.1\r\nHost: shop.example.com\r\n\r\n")
+        await reader.readexactly(1000)
+        writer.transport.abort()  # gone mid-stream, no close_notify
+
+    async def unknown_name_request() -> None:
+        async with tls_connection(proxy, ca, "unknown.test", _unverified(ca)) as (r, w):
+            assert (await get(w, r, "shop.example.com")).status == 200
+
+    # Warm up what is made once (TLS contexts, the upstream app), then measure.
+    await unknown_name_request()
+    server.cpool.close_idle()
+    # The upstream app's side of that connection ends.
+    await until(
+        lambda: all("RequestHandler" not in repr(t.get_coro()) for t in asyncio.all_tasks())
+    )
+    baseline_fds = open_fds()
+    baseline_tasks = len(asyncio.all_tasks())
+    kinds = (garbage, drop_mid_response, unknown_name_request)
+    semaphore = asyncio.Semaphore(20)
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            await kinds[i % len(kinds)]()
+
+    # 200 stalled handshakes held open meanwhile, 600 others through a few at a time.
+    await asyncio.gather(*(stall() for _ in range(200)), *(one(i) for i in range(600)))
+
+    # The proxy's side closes what the clients dropped.
+    await until(lambda: not server.connections and not server.edge.tls_listener.pending)
+    handshakes = server.edge.handshakes
+    assert handshakes["failed"] == 200  # the garbage, told apart from timeouts
+    assert handshakes["timeout"] == 200  # the stalls
+    assert handshakes["ok"] == 1 + 400
+    # Idle pooled upstream connections are kept on purpose (2 descriptors and an
+    # upstream task each here): close them, then nothing may be left over.
+    server.cpool.close_idle()
+    await until(lambda: len(asyncio.all_tasks()) <= baseline_tasks and open_fds() <= baseline_fds)
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Closing happens in the proxy's own time, with no event to wait on: look, bounded."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.02)
