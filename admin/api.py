@@ -217,6 +217,8 @@ class ControlPlane:
         self.ready = False
         self.identity = Identity.for_process()
         self.services: dict[str, ServiceControl] = {}
+        # With --workers, the supervisor's sum of its workers' TLS handshakes.
+        self.tls_handshakes: dict[str, int] | None = None
         self.sync_services()
 
     def sync_services(self) -> list[ServiceControl]:
@@ -273,7 +275,10 @@ class ControlPlane:
                 {"names": list(info.names), "not_after": info.not_after.isoformat(),
                  "source": "file", "file": cfg.cert}
             )  # fmt: skip
-        return {"listen": str(tls.listen), "certificates": certificates, "handshakes": None}
+        handshakes = None
+        if self.tls_handshakes is not None:
+            handshakes = {r: self.tls_handshakes.get(r, 0) for r in ("ok", "failed", "timeout")}
+        return {"listen": str(tls.listen), "certificates": certificates, "handshakes": handshakes}
 
     @property
     def only(self) -> ServiceControl:

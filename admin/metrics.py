@@ -9,6 +9,7 @@ error kind, trigger, and target URLs as configured.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -53,15 +54,15 @@ class ProxyCollector:
         yield from self._tls_metrics()
 
     def _tls_metrics(self) -> Iterator[Metric]:
-        edge = self.control.server.edge
-        if edge is None:
+        tls = self.control.tls_status()  # this process's, or a supervisor's sum of workers'
+        if tls is None:
             return
         handshakes = CounterMetricFamily(
             "bgproxy_tls_handshakes_total",
             "TLS handshakes on the HTTPS listener, by result (ok, failed, timeout).",
             labels=["result"],
         )
-        for result, count in edge.handshakes.items():
+        for result, count in (tls.get("handshakes") or {}).items():
             handshakes.add_metric([result], count)
         yield handshakes
         expiry = GaugeMetricFamily(
@@ -70,11 +71,12 @@ class ProxyCollector:
             labels=["name"],
         )
         seen: set[str] = set()
-        for cert in edge.certs.certificates:  # the first certificate for a name is served
-            for name in cert.names:
+        for cert in tls["certificates"]:  # the first certificate for a name is served
+            for name in cert["names"]:
                 if name not in seen:
                     seen.add(name)
-                    expiry.add_metric([name], cert.not_after.timestamp())
+                    when = dt.datetime.fromisoformat(cert["not_after"]).timestamp()
+                    expiry.add_metric([name], when)
         yield expiry
 
     def _service_metrics(self, control: ServiceControl) -> Iterator[Metric]:

@@ -95,12 +95,14 @@ class Slot:
         self.last_seen = 0.0
         self.ready = False  # reported at least once since it was started
         self.tls_sock: socket.socket | None = None  # its share of tls.listen, if any
+        self.tls_seen: dict[str, int] = {}  # its TLS handshake counts, last report
 
     def reset(self) -> None:
         self.proc = self.writer = None
         self.ready = False
         # A new process counts from zero.
         self.services = {name: SlotService() for name in self.services}
+        self.tls_seen = {}
 
 
 class WorkerPool:
@@ -128,6 +130,9 @@ class WorkerPool:
         self.started = False  # every worker has served once: from now on, deaths restart
         self._acked = asyncio.Event()
         self._failed: str | None = None
+        # The workers' TLS handshakes, summed across restarts: what /metrics reports.
+        self.tls_handshakes: dict[str, int] = {}
+        run.control.tls_handshakes = self.tls_handshakes
         self._tasks = Tasks()
 
     async def __aenter__(self) -> WorkerPool:
@@ -325,6 +330,10 @@ class WorkerPool:
                 seen.in_flight.update(report["in_flight"])
                 seen.websockets.update(report["websockets"])
                 self._merge_stats(name, seen, report.get("stats"))
+            for result, count in (msg.get("tls") or {}).items():
+                delta = int(count) - slot.tls_seen.get(result, 0)
+                slot.tls_seen[result] = int(count)
+                self.tls_handshakes[result] = self.tls_handshakes.get(result, 0) + max(0, delta)
             slot.last_seen = time.time()
             slot.ready = True
             self._update_totals()

@@ -204,7 +204,10 @@ class Channel:
             for name, store in self.stores.items()
             if name in server.services
         }
-        self._writer.write(encode_line({"t": "report", "services": services}))
+        report: dict[str, Any] = {"t": "report", "services": services}
+        if server.edge is not None:
+            report["tls"] = dict(server.edge.handshakes)  # cumulative, this process
+        self._writer.write(encode_line(report))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         self._tasks.spawn(coro, name)
@@ -272,9 +275,7 @@ async def _worker(
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         stores: dict[str, StateStore] = dict(channel.stores)
-        async with running(
-            config, stores=stores, sock=sock, tls_sock=tls_sock, admin=False
-        ) as run:
+        async with running(config, stores=stores, sock=sock, tls_sock=tls_sock, admin=False) as run:
             channel.start(run.server)
             settle_heap()
             loop.add_signal_handler(signal.SIGTERM, stop.set)

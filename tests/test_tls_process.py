@@ -165,5 +165,24 @@ async def test_workers_serve_https_and_sighup_swaps_every_workers_certificate(
         writer.close()
         status, body = await proc.admin("GET", "/status")
         assert status == 200 and body["tls"]["certificates"][0]["names"] == ["shop.example.com"]
+
+        # The supervisor's /metrics sums its workers' handshakes (reported every 250 ms).
+        async def counted() -> bool:
+            _, metrics = await _metrics(proc)
+            line = next(
+                (
+                    m
+                    for m in metrics.splitlines()
+                    if m.startswith('bgproxy_tls_handshakes_total{result="ok"}')
+                ),
+                "",
+            )
+            return bool(line) and float(line.split()[-1]) >= 12 + 8 + 1
+
+        async with asyncio.timeout(10):
+            while True:  # reports arrive on the workers' own schedule: look, bounded
+                if await counted():
+                    break
+                await asyncio.sleep(0.1)
     finally:
         await proc.stop()
