@@ -89,7 +89,7 @@ def _intercept(conn: Exchange, host: bytes | None, url: bytes) -> None:
         return  # not ours: proxied like any request (an app may answer its own)
     if edge.redirect and edge.https_port:
         if host is None:  # the single-service form routes without reading Host
-            host = request_host(conn._headers, conn.http11)
+            host = request_host(conn.req.headers, conn.http11)
         if host is None:
             return  # HTTP/1.0 without Host: nowhere to redirect to, served as usual
         location = redirect_location(host, url, edge.https_port)
