@@ -131,7 +131,7 @@ def count(
     with open(base / f"valgrind-{build}-{requests}.log", "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=log_file)
     try:
-        deadline = time.monotonic() + 120  # start-up is ~50x slower under callgrind
+        deadline = time.monotonic() + 300  # start-up is ~50x slower under callgrind, more on a busy machine
         while time.monotonic() < deadline:
             try:
                 status, body = http_json(admin_port, "GET", status_path, timeout=2)
@@ -143,7 +143,7 @@ def count(
                 raise BenchError(f"bgproxy under callgrind exited; see {log_file.name}")
             time.sleep(0.3)
         else:
-            raise BenchError("bgproxy under callgrind did not start in 120 s")
+            raise BenchError("bgproxy under callgrind did not start in 300 s")
         if body["hot_path"] != build:
             raise BenchError(f"bgproxy ran the {body['hot_path']} build, not {build}")
         if requests:
