@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bgproxy.rollout")
 
 LEASE_TTL = 3.0  # a dead driver's rollout is taken over after at most this (plus a renewal)
-IDLE = {
+IDLE: dict[str, Any] = {
     "state": "idle",
     "color": None,
     "steps": [],

@@ -274,9 +274,7 @@ async def test_a_full_rollout_under_load_tracks_each_step(
         s = body
         while s["rollout"]["state"] == "progressing":
             seen_weights.add(s["weights"]["green"])
-            s = await wait_for(
-                proxy, lambda x, s=s: x["generation"] != s["generation"], timeout=5
-            )
+            s = await wait_for(proxy, lambda x, s=s: x["generation"] != s["generation"], timeout=5)
         assert s["rollout"]["state"] == "promoted"
         assert s["weights"] == {"blue": 0, "green": 100} and s["active"] == "green"
         assert seen_weights == {10, 25, 50}
