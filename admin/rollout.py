@@ -313,7 +313,8 @@ def rollout_status(state: RoutingState, driver: RolloutDriver | None = None) -> 
         "ended_at": _ts(r.ended_at),
         "step_interval": r.step_interval,
         "auto_promote": r.auto_promote,
-        "last": driver.last if live and driver is not None else None,
+        # The last figures stay after the end where they were seen (why it aborted).
+        "last": driver.last if driver is not None and (live or not running) else None,
         "held": driver.held if live and driver is not None else None,
         "step_requests": driver.step_requests if live and driver is not None else None,
         "next_evaluation": _ts(driver.next_evaluation) if live and driver is not None else None,
