@@ -20,6 +20,7 @@ from admin.api import (
     ServiceControl,
     _json_body,
     _opt_force,
+    _opt_int,
     _opt_str,
     _state_error,
 )
@@ -66,13 +67,17 @@ def _interval(data: dict[str, Any], default: float) -> float:
 def add_rollout_routes(app: web.Application, cp: ControlPlane, actor: str = "admin") -> None:
     async def commit(
         control: ServiceControl,
+        data: dict[str, Any],
         build: Callable[[RoutingState], RoutingState | None],
         action: str,
         reason: str | None,
         details: dict[str, Any] | None = None,
     ) -> web.Response:
+        expected = _opt_int(data, "expected_generation")  # the dashboard guards with it
         try:
-            new = await control.apply(build, action, reason, actor, details=details)
+            new = await control.apply(
+                build, action, reason, actor, expected_generation=expected, details=details
+            )
         except StateError as exc:
             raise _state_error(exc) from exc
         return web.json_response(await control.settled_status(new))
@@ -111,7 +116,8 @@ def add_rollout_routes(app: web.Application, cp: ControlPlane, actor: str = "adm
         build = lambda s: start_rollout(  # noqa: E731
             s, color, steps, interval, cfg.auto_promote, time.time()
         )
-        return await commit(control, build, action, reason or f"rollout of {color.value}", details)
+        reason = reason or f"rollout of {color.value}"
+        return await commit(control, data, build, action, reason, details)
 
     def control_action(
         action: str, transition: Callable[[RoutingState, float], RoutingState | None]
@@ -120,7 +126,8 @@ def add_rollout_routes(app: web.Application, cp: ControlPlane, actor: str = "adm
             control = cp.resolve(request.match_info.get("name"))
             data = await _json_body(request)
             reason = _opt_str(data, "reason")
-            return await commit(control, lambda s: transition(s, time.time()), action, reason)
+            build = lambda s: transition(s, time.time())  # noqa: E731
+            return await commit(control, data, build, action, reason)
 
         return handler
 
