@@ -62,7 +62,8 @@ def follow_rollout(
                 lines.done(f"{ro.get('color')} promoted: 100% (generation {status['generation']})")
                 return 0
             lines.done(f"rollout {state}: {status.get('active')} has all the traffic")
-            why = f": {interval_line(ro['last'])}" if ro.get("last") else ""
+            last = ro.get("last") or {}
+            why = f": {last.get('reason') or interval_line(last)}" if last else ""
             print(f"bgproxy: rollout of {ro.get('color')} {state}{why}", file=sys.stderr)
             return 1
         lines.show(f"{step}-{state}-{ro.get('held')}", step_line(ro, time.time()))

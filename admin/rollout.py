@@ -205,6 +205,7 @@ class RolloutDriver:
             elif failures:
                 self.held = f"{failures} failing interval(s) below failure_limit; holding"
             elif verdict.outcome is not Outcome.PASSING:
+                self.last = _figures(whole, verdict)  # what failed: the whole step
                 await self._abort(state, whole, verdict, thresholds)
             else:
                 self.held = None

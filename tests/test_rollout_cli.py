@@ -76,7 +76,7 @@ async def test_rollout_wait_exits_1_when_aborted(
         )
     assert code == 1
     assert "rollout aborted: blue has all the traffic" in out
-    assert "bgproxy: rollout of green aborted: last interval" in err
+    assert "bgproxy: rollout of green aborted: error rate 100.0% > 5.0%" in err
     s = (await proxy.admin("GET", "/status"))[1]
     assert s["weights"] == {"blue": 100, "green": 0}
 
