@@ -390,6 +390,8 @@ async def test_controls_and_their_409s(
     code, body = await proxy.admin("POST", "/rollout/promote", {"reason": "looks good"})
     assert code == 200 and body["rollout"]["state"] == "promoted"
     assert body["weights"] == {"blue": 0, "green": 100}
+    # Promoted, green is watched like after any switch (the rollout watched its steps).
+    assert (body["rollback"]["state"], body["rollback"]["color"]) == ("watching", "green")
     code, body = await proxy.admin("POST", "/rollout/abort")
     assert (code, body["error"]) == (409, "no_rollout")
 
@@ -425,6 +427,20 @@ async def test_a_manual_switch_cancels_the_rollout(
     await asyncio.sleep(3 * INTERVAL)
     s = await status(proxy)
     assert s["rollout"]["state"] == "cancelled" and s["weights"]["green"] == 0
+
+
+async def test_a_manual_rollback_cancels_and_returns_to_the_stable_color(
+    upstreams: dict[str, Upstream], start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(rollout_config(upstreams, rollout={"step_interval": "10s"}))
+    code, _ = await proxy.admin("POST", "/rollout", {"color": "green", "steps": [30, 60, 100]})
+    assert code == 200
+    code, body = await proxy.admin("POST", "/rollback")
+    assert code == 200
+    assert body["weights"] == {"blue": 100, "green": 0} and body["active"] == "blue"
+    assert body["rollout"]["state"] == "cancelled"
+    last = (await events(proxy))[-1]
+    assert (last["action"], last["rollout_cancelled"]) == ("rollback", True)
 
 
 async def test_without_auto_promote_it_waits_for_a_promote(
