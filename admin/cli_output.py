@@ -332,6 +332,12 @@ def service_notes(svc: dict[str, Any]) -> str:
     drain = svc.get("drain") or {}
     if drain.get("state") == "draining":
         notes.append(f"draining {drain.get('color') or '-'}")
+    ro = svc.get("rollout") or {}
+    if ro.get("state") in ("progressing", "paused", "waiting_promotion"):
+        paused = "" if ro["state"] == "progressing" else f" ({ro['state'].replace('_', ' ')})"
+        notes.append(f"rolling out {ro.get('color')} {ro.get('weight')}%{paused}")
+    elif ro.get("state") == "aborted":
+        notes.append(f"ROLLOUT ABORTED {ro.get('color')}")
     rb = svc.get("rollback") or {}
     if rb.get("state") == "watching":
         notes.append(f"watching {rb.get('color') or '-'}")

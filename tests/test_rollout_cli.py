@@ -100,6 +100,8 @@ async def test_controls_from_the_cli_with_a_service(
     code, out, err = await bgproxy("rollout", "green", "--steps", "30,100", *admin)
     assert code == 0, err
     assert "rollout     step 1/2  green 30%" in out
+    code, out, _ = await bgproxy("services", "--admin", proxy.admin_url)
+    assert code == 0 and "rolling out green 30%" in out
     code, out, err = await bgproxy("rollout", "green", *admin)
     assert code == 1 and "rollout_in_progress" in err
     code, out, _ = await bgproxy("pause", *admin)

@@ -924,6 +924,9 @@
     const out = [];
     const d = svc.drain || {};
     if (d.state === "draining") out.push(h("span", { class: "pill pill-busy", text: `DRAINING ${(d.color || "").toUpperCase()}` }));
+    const ro = svc.rollout || {};
+    if (RUNNING.has(ro.state)) out.push(h("span", { class: "pill pill-busy", text: `ROLLING OUT ${(ro.color || "").toUpperCase()} ${ro.weight}%${ro.state === "progressing" ? "" : " · " + ro.state.replace("_", " ").toUpperCase()}` }));
+    else if (ro.state === "aborted") out.push(h("span", { class: "pill pill-bad", text: `ROLLOUT ABORTED ${(ro.color || "").toUpperCase()}` }));
     const r = svc.rollback || {};
     if (r.state === "watching") out.push(h("span", { class: "pill pill-busy", text: `WATCHING ${(r.color || "").toUpperCase()}` }));
     else if (r.state === "rolled_back") out.push(h("span", { class: "pill pill-bad", text: `ROLLED BACK ${(r.color || "").toUpperCase()}` }));
