@@ -9,11 +9,14 @@ import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
+from admin.runner import reload_config
 from conftest import Proxy, StartProxy, Upstream, config_dict
 from proxy.state import (
     AlreadyLive,
@@ -461,3 +464,20 @@ async def test_without_auto_promote_it_waits_for_a_promote(
         assert s["rollout"]["state"] == "waiting_promotion" and s["weights"]["green"] == 50
         code, body = await proxy.admin("POST", "/rollout/promote")
     assert code == 200 and body["weights"] == {"blue": 0, "green": 100}
+
+
+async def test_a_reload_keeps_the_rollout_going(
+    upstreams: dict[str, Upstream], start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    cfg = rollout_config(upstreams, rollout={"steps": [20, 60, 100], "step_interval": "500ms"})
+    proxy = await start_proxy(cfg)
+    async with load(proxy, n=50):
+        code, _ = await proxy.admin("POST", "/rollout", {"color": "green"})
+        assert code == 200
+        path = tmp_path / "bgproxy.yaml"
+        cfg["rollback"]["max_p99_latency"] = "2s"  # any change: a new config object
+        path.write_text(yaml.safe_dump(cfg))
+        assert reload_config(proxy.run, str(path))
+        s = await wait_for(proxy, lambda s: s["rollout"]["state"] != "progressing", timeout=8)
+    assert s["rollout"]["state"] == "promoted" and s["generation"] == 4
+    assert s["rollout"]["thresholds"]["max_p99_latency"] == 2.0
