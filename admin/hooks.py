@@ -127,9 +127,14 @@ class Hooks:
         while True:
             body = await self._queue.get()
             for hook in self.configured():
-                if body.get("action") in hook.on:
-                    payload = {"text": slack_text(body)} if hook.format == "slack" else body
+                if body.get("action") not in hook.on:
+                    continue
+                payload = {"text": slack_text(body)} if hook.format == "slack" else body
+                try:
                     await self._post(hook, payload)
+                except Exception:  # never let one odd failure stop later notifications
+                    self.calls[hook.name, "error"] += 1
+                    log.exception("hook %s for %s failed", hook.name, self.service)
 
     async def _post(self, hook: HookConfig, body: dict[str, Any]) -> tuple[str, int | None]:
         """POST ``body``; the result (ok, error, timeout, unreachable) and the status."""

@@ -146,6 +146,16 @@ class RolloutDriver:
     # -- the loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        while self._open:
+            try:
+                await self._drive()
+            except Exception:
+                # A bug must not strand a rollout at its step: log, then start over from
+                # the record (the step is judged afresh).
+                log.exception("%s: the rollout driver failed; restarting it", self.control.name)
+                await asyncio.sleep(1.0)
+
+    async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
         cursor: tuple[float, int] | None = None  # the step being observed
         failures = 0
