@@ -176,7 +176,15 @@ async def watch_service(run: Running, control: ServiceControl) -> None:
     )
     control.rollback = await stack.enter_async_context(RollbackController(control))
     control.rollout = await stack.enter_async_context(RolloutDriver(control))
+    # Starting them awaits: a reload right behind this one may have removed the service
+    # meanwhile, or started it again. Keep only the current control's watch, never two.
+    if run.control.services.get(control.name) is not control:
+        await stack.aclose()
+        return
+    old = run.watches.pop(control.name, None)
     run.watches[control.name] = stack
+    if old is not None:
+        await old.aclose()
 
 
 async def _open_store(

@@ -112,7 +112,7 @@ async def test_another_instance_takes_over_when_the_driver_dies(
             s = await until(other, lambda s: s["rollout"]["state"] != "progressing", timeout=10)
         assert s["rollout"]["state"] == "promoted"
         assert s["weights"] == {"blue": 0, "green": 100}
-        assert took_over < 3.0 + 0.8 + 2.0  # lease TTL, a step, and a busy machine's slack
+        assert took_over < 3.0 + 1.0 + 3.0  # lease TTL, a renewal tick, a busy machine
         code, body = await other.admin("GET", "/events?limit=50")
         steps = [(e["action"], e.get("weight")) for e in reversed(body["events"])]
         assert steps == [
@@ -144,7 +144,9 @@ async def test_with_workers_the_supervisor_alone_drives(
             assert code == 200, body
             s = await until(p, lambda s: s["rollout"]["state"] != "progressing", timeout=15)
         assert s["rollout"]["state"] == "promoted", s["rollout"]
-        assert {i["generation"] for i in s["instances"]} == {s["generation"]}
+        # Every worker applies the supervisor's steps (a step does not wait for them).
+        gen = s["generation"]
+        await until(p, lambda s: {i["generation"] for i in s["instances"]} == {gen}, timeout=5)
         code, body = await p.admin("GET", "/events?limit=50")
         steps = [(e["action"], e.get("weight")) for e in reversed(body["events"])]
         assert steps == [
