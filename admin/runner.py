@@ -20,8 +20,11 @@ from aiohttp import web
 from admin.api import ControlPlane, ServiceControl, build_admin_app
 from admin.fleet import connect_store, open_store
 from admin.gates import Gates
+from admin.hooks import Hooks
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
+from admin.rollout import RolloutDriver
+from admin.rollout_api import add_rollout_routes
 from config import Config, ConfigError, ServiceConfig, load_config
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
@@ -118,6 +121,7 @@ async def running(
         runner = None
         if admin:
             app = build_admin_app(control, config.limits.admin_max_body_bytes)
+            add_rollout_routes(app, control)
             add_metrics_route(app, build_registry(control))
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
@@ -161,12 +165,26 @@ async def running(
 
 
 async def watch_service(run: Running, control: ServiceControl) -> None:
-    """Gates and the rollback watch of one service, closed with the process (or when a
-    reload removes the service)."""
+    """Gates, hooks, the rollback watch and the rollout driver of one service, closed with
+    the process (or when a reload removes the service). Only a process with the admin API
+    runs them: with ``--workers``, the supervisor drives and the workers follow."""
     stack = contextlib.AsyncExitStack()
     control.gates = await stack.enter_async_context(Gates(control.service))
+    service = control.service
+    control.hooks = await stack.enter_async_context(
+        Hooks(control.name, lambda: service.config.hooks)
+    )
     control.rollback = await stack.enter_async_context(RollbackController(control))
+    control.rollout = await stack.enter_async_context(RolloutDriver(control))
+    # Starting them awaits: a reload right behind this one may have removed the service
+    # meanwhile, or started it again. Keep only the current control's watch, never two.
+    if run.control.services.get(control.name) is not control:
+        await stack.aclose()
+        return
+    old = run.watches.pop(control.name, None)
     run.watches[control.name] = stack
+    if old is not None:
+        await old.aclose()
 
 
 async def _open_store(

@@ -31,10 +31,12 @@ from .schema import (
     DrainConfig,
     GatesConfig,
     HealthCheckConfig,
+    HookConfig,
     HostPort,
     LimitsConfig,
     PoolConfig,
     RollbackConfig,
+    RolloutConfig,
     RoutingConfig,
     ServiceConfig,
     SmokeProbe,
@@ -445,6 +447,55 @@ def _gates(errors: list[str], path: str, data: object, base: Any = None) -> Gate
     return s.build(GatesConfig)
 
 
+def _weights(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of weights like [10, 25, 50, 100], got {_show(value)}")
+    return tuple(_int(w) for w in value)
+
+
+_rollout = _flat(
+    RolloutConfig, {"steps": _weights, "step_interval": parse_duration, "auto_promote": _bool}
+)
+_HOOK_KEYS = ("on", "url", "timeout", "format", "name")
+
+
+def _hook(errors: list[str], path: str, data: object) -> HookConfig | None:
+    if isinstance(data, dict) and True in data:
+        # YAML 1.1 reads a bare ``on`` as the boolean true: take it as the key it means.
+        data = {("on" if k is True else k): v for k, v in data.items()}
+    if not isinstance(data, dict):
+        hint = "expected a mapping like {on: [switch], url: ...}"
+        errors.append(f"{path}: {hint}, got {_show(data)}")
+        return None
+    s = _Section(errors, path, data, _HOOK_KEYS)
+    for key in ("on", "url"):
+        if key not in s.values:
+            s.fail(s.key_path(key), "required")
+    on = s.values.get("on")
+    if isinstance(on, str):
+        s.values["on"] = [on]
+    items = s.take_list("on", _str)
+    if items is not None:
+        s.kwargs["on"] = tuple(items)
+    s.take("url", _str)
+    s.take("timeout", parse_duration)
+    s.take("format", _str)
+    s.take("name", _str)
+    # Built even after a bad key (to report the rest), but only with both required keys.
+    return s.build(HookConfig) if "on" in s.kwargs and "url" in s.kwargs else None
+
+
+def _hooks(errors: list[str], path: str, data: object, base: Any = None) -> object | None:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        errors.append(f"{path}: expected a list of hooks, got {_show(data)}")
+        return None
+    hooks = [_hook(errors, f"{path}[{i}]", item) for i, item in enumerate(data)]
+    good = [h for h in hooks if h is not None]
+    return tuple(good) if len(good) == len(hooks) else None
+
+
 # In SPEC order, so errors come out in the order a reader meets the keys.
 _SECTIONS: tuple[tuple[str, _Builder], ...] = (
     ("admin", _flat(AdminConfig, {"listen": parse_host_port, "token_env": _optional(_str)})),
@@ -507,6 +558,8 @@ _SECTIONS: tuple[tuple[str, _Builder], ...] = (
         ),
     ),
     ("gates", _gates),
+    ("rollout", _rollout),
+    ("hooks", _hooks),
     (
         "state",
         _flat(

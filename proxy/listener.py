@@ -42,7 +42,7 @@ from proxy.http1 import (
 )
 from proxy.phases import CLOSED, HEAD, IDLE, STREAM, TUNNEL, UPSTREAM
 from proxy.request import Request, fast_head, read_head, upstream_head
-from proxy.router import NO_ATTRS, REJECT, RequestAttrs, route
+from proxy.router import NO_ATTRS, REJECT, RequestAttrs, cookie_bucket, route
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -465,13 +465,16 @@ class ClientConnection(Exchange):
         service = self.service
         assert service is not None
         state = service.store.snapshot()
-        decision = route(attrs, state, roll_dice())
+        roll = roll_dice()
+        decision = route(attrs, state, roll)
         if decision is REJECT:
             raise Reject(Reply.BAD_OVERRIDE)
         color = decision.color
         assert color is not None
         self.color = color
-        self._extra = (s.sticky_extra if decision.set_sticky else s.color_extra)[color]
+        self._extra = s.color_extra[color]
+        if decision.set_sticky:  # a client's first request under a split: its bucket
+            self._extra += s.sticky_set % cookie_bucket(decision, state, roll)
         service.begin_request(color)
         self._active = True
         # Not loop.time(): uvloop's clock counts whole milliseconds.
