@@ -109,6 +109,8 @@ def demo_config(port: int, admin_port: int, apps: dict[str, tuple[int, int]]) ->
         "health_check": {"interval": "1s", "timeout": "500ms"},
         "websocket": {"reconnect_window": ["1s", "5s"]},
         "rollback": {"window": "2m", "interval": "5s", "min_requests": 10},
+        # One JSON line per request, and the switches between them: what a demo is for.
+        "access_log": {"destination": "stdout"},
     }
 
 

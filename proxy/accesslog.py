@@ -1,0 +1,354 @@
+"""The access log: one line per request or WebSocket session, written in batches.
+
+The request path does the least it can: when a request ends it builds one tuple of
+what it already holds (``Record``, below) and appends it to a list. Formatting and
+writing happen later, off the request's callback: a timer a few milliseconds out (or a
+full batch) turns the pending records into lines and hands them to the ``LineSink``
+(proxy/logsink.py), which writes whole lines in atomic pieces. So the cost per request
+is a tuple and an append, and a line costs one ``bytes %`` with a template per format,
+never ``str.format`` per field; with the log off, the request path checks one pointer.
+
+Every value that came from a client or an upstream (target, method, user agent,
+referer, a trusted peer's request ID) is escaped before it is written: in ``json``,
+control characters and quotes as JSON escapes, non-ASCII as ``\\uXXXX`` and invalid
+UTF-8 as ``\\xNN`` text; in ``combined``, as nginx does, ``"``, ``\\`` and bytes
+outside printable ASCII as ``\\xNN``. A line never contains a raw newline, and is cut to
+fit ``PIPE_BUF`` (each field is shortened, the line marked ``"truncated": true``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from random import random
+from typing import Any
+
+from proxy.logsink import PIPE_BUF, LineSink
+
+log = logging.getLogger("bgproxy.accesslog")
+
+FLUSH_DELAY = 0.005  # seconds: lines reach the destination this soon at the latest
+FLUSH_BATCH = 512  # records: a burst is written without waiting for the timer
+
+# The record a request path hands in: a plain tuple (one allocation, built in C in the
+# compiled build), read by position here.
+(
+    R_END,  # time.monotonic() when it ended
+    R_CLIENT,  # str: the client address
+    R_METHOD,  # bytes
+    R_TARGET,  # bytes
+    R_VERSION,  # bytes: b"1.1", b"1.0"
+    R_STATUS,  # int: 0 when no response was sent
+    R_BYTES_IN,  # int: head and body bytes read from the client
+    R_BYTES_OUT,  # int: bytes written to the client
+    R_DURATION,  # float seconds
+    R_UPSTREAM_TIME,  # float seconds to the upstream's response head, or -1.0
+    R_SERVICE,  # str | None
+    R_COLOR,  # str | None
+    R_REASON,  # str | None: active, override, weight, sticky
+    R_UPSTREAM,  # str | None: the target URL
+    R_REQUEST_ID,  # bytes | None
+    R_HEAD,  # bytes (the raw head) | list of (name, value) | None: user agent, referer
+    R_TLS,  # str | None: the TLS version
+    R_SNI,  # str | None
+    R_WS,  # None | (messages in, messages out, close kind)
+    R_TRACE,  # None | the proxy's Span (proxy/tracing.py)
+) = range(20)
+RECORD_SIZE = 20
+
+# JSON string content that needs no escaping: printable ASCII but '"' and '\\'.
+_UNSAFE = re.compile(rb'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+_USER_AGENT = re.compile(rb"\r\n(?i:user-agent):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+_REFERER = re.compile(rb"\r\n(?i:referer):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+_CAPS = (1024, 256, 48)  # bytes per client-given field, tried in turn until a line fits
+REASONS = {"weighted": "weight"}  # the router's names, as the log spells them
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct",
+           b"Nov", b"Dec")  # fmt: skip
+
+
+def json_text(value: bytes) -> bytes:
+    """``value`` as the inside of a JSON string, ASCII only."""
+    if _UNSAFE.search(value) is None:
+        return value
+    text = json.dumps(value.decode("utf-8", "backslashreplace"))[1:-1]
+    return text.replace("\x7f", "\\u007f").encode("ascii")
+
+
+def clf_text(value: bytes) -> bytes:
+    """``value`` escaped as nginx escapes a variable in its default log format."""
+    if _UNSAFE.search(value) is None:
+        return value
+    return _UNSAFE.sub(lambda m: b"\\x%02X" % m[0][0], value)
+
+
+def header_values(head: object) -> tuple[bytes | None, bytes | None]:
+    """The user agent and referer of a request head (raw bytes or parsed fields)."""
+    if head is None:
+        return None, None
+    if isinstance(head, bytes):
+        ua = _USER_AGENT.search(head)
+        ref = _REFERER.search(head)
+        return (ua[1] if ua else None), (ref[1] if ref else None)
+    agent = referer = None
+    for name, value in head:  # type: ignore[attr-defined]
+        if len(name) == 10 and name.lower() == b"user-agent":
+            agent = value
+        elif len(name) == 7 and name.lower() == b"referer":
+            referer = value
+    return agent, referer
+
+
+class _Clock:
+    """Wall-clock text for monotonic times, the second's prefix built once."""
+
+    def __init__(self) -> None:
+        self.offset = time.time() - time.monotonic()
+        self._second = -1
+        self._iso = b""
+        self._clf = b""
+
+    def refresh(self) -> None:
+        # Once a batch: NTP may step the wall clock; requests keep monotonic times.
+        self.offset = time.time() - time.monotonic()
+
+    def _set(self, second: int) -> None:
+        t = time.gmtime(second)
+        self._second = second
+        self._iso = time.strftime("%Y-%m-%dT%H:%M:%S", t).encode()
+        self._clf = b"%02d/%s/%04d:%02d:%02d:%02d +0000" % (
+            t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec
+        )  # fmt: skip
+
+    def iso(self, mono: float) -> bytes:
+        wall = mono + self.offset
+        second = int(wall)
+        if second != self._second:
+            self._set(second)
+        return b"%s.%03dZ" % (self._iso, int((wall - second) * 1000))
+
+    def clf(self, mono: float) -> bytes:
+        second = int(mono + self.offset)
+        if second != self._second:
+            self._set(second)
+        return self._clf
+
+
+class _Names:
+    """Config-given strings (service, color, target URL, address) as JSON, cached."""
+
+    def __init__(self) -> None:
+        self._json: dict[str | None, bytes] = {None: b"null"}
+
+    def json(self, value: str | None) -> bytes:
+        out = self._json.get(value)
+        if out is None:
+            assert value is not None
+            out = b'"%s"' % json_text(value.encode("utf-8", "surrogateescape"))
+            if len(self._json) < 4096:  # addresses are many; the rest are few
+                self._json[value] = out
+        return out
+
+
+_JSON = (
+    b'{"time":"%s","client":%s,"method":"%s","target":"%s","version":"%s","status":%d,'
+    b'"bytes_in":%d,"bytes_out":%d,"duration":%.6f,"upstream_time":%s,"service":%s,'
+    b'"color":%s,"reason":%s,"upstream":%s,"request_id":%s,"user_agent":%s,"referer":%s,'
+    b'"tls":%s,"sni":%s'
+)
+
+
+def _jstr(value: bytes | None, cap: int) -> bytes:
+    if value is None:
+        return b"null"
+    return b'"%s"' % json_text(value[:cap])
+
+
+def format_json(rec: tuple[Any, ...], clock: _Clock, names: _Names) -> bytes:
+    agent, referer = header_values(rec[R_HEAD])
+    upstream_time = rec[R_UPSTREAM_TIME]
+    for cap in _CAPS:
+        line = _JSON % (
+            clock.iso(rec[R_END]), names.json(rec[R_CLIENT]), json_text(rec[R_METHOD][:cap]),
+            json_text(rec[R_TARGET][:cap * 2]), json_text(rec[R_VERSION][:16]), rec[R_STATUS],
+            rec[R_BYTES_IN], rec[R_BYTES_OUT], rec[R_DURATION],
+            b"%.6f" % upstream_time if upstream_time >= 0.0 else b"null",
+            names.json(rec[R_SERVICE]), names.json(rec[R_COLOR]), names.json(rec[R_REASON]),
+            names.json(rec[R_UPSTREAM]), _jstr(rec[R_REQUEST_ID], cap), _jstr(agent, cap),
+            _jstr(referer, cap), names.json(rec[R_TLS]), _jstr(_b(rec[R_SNI]), cap),
+        )  # fmt: skip
+        ws = rec[R_WS]
+        if ws is not None:
+            line += b',"ws_messages_in":%d,"ws_messages_out":%d,"ws_close":"%s"' % (
+                ws[0], ws[1], ws[2].encode()
+            )  # fmt: skip
+        trace = rec[R_TRACE]
+        if trace is not None:
+            line += b',"trace_id":"%s","span_id":"%s"' % (trace.trace_id, trace.span_id)
+        if len(line) < PIPE_BUF - 20:
+            cut = _cut(cap, rec[R_METHOD], rec[R_REQUEST_ID], agent, referer) or (
+                len(rec[R_TARGET]) > cap * 2
+            )
+            return line + (b',"truncated":true}\n' if cut else b"}\n")
+    return line[: PIPE_BUF - 40] + b'","truncated":true}\n'  # unreachable in practice
+
+
+def _cut(cap: int, *values: bytes | None) -> bool:
+    return any(v is not None and len(v) > cap for v in values)
+
+
+def _b(value: str | None) -> bytes | None:
+    return None if value is None else value.encode("utf-8", "surrogateescape")
+
+
+def _dash(value: bytes | None, cap: int) -> bytes:
+    return b"-" if value is None else clf_text(value[:cap])
+
+
+def format_combined(rec: tuple[Any, ...], clock: _Clock, names: _Names) -> bytes:
+    """nginx's ``combined``, then the color, the service, the request ID and the
+    duration in seconds: ``... "referer" "agent" "blue" "shop" "rid" 0.003``."""
+    agent, referer = header_values(rec[R_HEAD])
+    for cap in _CAPS:
+        line = b'%s - - [%s] "%s %s HTTP/%s" %d %d "%s" "%s" "%s" "%s" "%s" %.3f' % (
+            clf_text(rec[R_CLIENT].encode()), clock.clf(rec[R_END]),
+            clf_text(rec[R_METHOD][:cap]), clf_text(rec[R_TARGET][:cap * 2]),
+            clf_text(rec[R_VERSION][:16]), rec[R_STATUS], rec[R_BYTES_OUT],
+            _dash(referer, cap), _dash(agent, cap), (rec[R_COLOR] or "-").encode(),
+            (rec[R_SERVICE] or "-").encode(), _dash(rec[R_REQUEST_ID], cap), rec[R_DURATION],
+        )  # fmt: skip
+        ws = rec[R_WS]
+        if ws is not None:
+            line += b" ws=%d/%d/%s" % (ws[0], ws[1], ws[2].encode())
+        if len(line) < PIPE_BUF - 1:
+            return line + b"\n"
+    return line[: PIPE_BUF - 1] + b"\n"  # unreachable in practice
+
+
+FORMATS = {"json": format_json, "combined": format_combined}
+
+
+class AccessLog:
+    """One process's access log: pending records, the timer that writes them, the
+    sampling of successful responses, the rate limit on the proxy's own refusals, and
+    control-plane events as JSON lines."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        destination: str,
+        format: str = "json",
+        sample: float = 1.0,
+        rejections_per_second: int = 10,
+        sink: LineSink | None = None,
+    ) -> None:
+        self.loop = loop
+        self.format = format
+        self.sample = sample
+        self.rejections_per_second = rejections_per_second
+        self.sink = sink if sink is not None else LineSink(destination)
+        self.pending: list[tuple[Any, ...] | bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._format = FORMATS[format]
+        self._clock = _Clock()
+        self._names = _Names()
+        self._second = 0
+        self._rejected = 0  # refusals this second
+        self._suppressed = 0  # refusals not logged since the last summary
+        self.closed = False
+
+    @property
+    def dropped(self) -> int:
+        return self.sink.dropped
+
+    # -- the request path ---------------------------------------------------------------
+
+    def add(self, rec: tuple[Any, ...]) -> None:
+        """A request or session ended; 1xx-3xx are kept with probability ``sample``."""
+        if rec[R_STATUS] < 400 and self.sample < 1.0 and random() >= self.sample:
+            return
+        pending = self.pending
+        pending.append(rec)
+        if self._timer is None:
+            self._timer = self.loop.call_later(FLUSH_DELAY, self.flush)
+        elif len(pending) >= FLUSH_BATCH:
+            self.flush()
+
+    def rejected(self, rec: tuple[Any, ...]) -> None:
+        """The proxy refused a request itself (400, 408, 413, 431...): logged, at most
+        ``rejections_per_second`` lines a second; the rest are counted in a summary."""
+        second = int(rec[R_END])
+        if second != self._second:
+            self._second = second
+            self._rejected = 0
+        self._rejected += 1
+        if self._rejected > self.rejections_per_second:
+            self._suppressed += 1
+            return
+        self._summary()
+        self.add(rec)
+
+    def _summary(self) -> None:
+        if self._suppressed:
+            line = b'{"time":"%s","suppressed_rejections":%d}\n' % (
+                self._clock.iso(time.monotonic()), self._suppressed
+            )  # fmt: skip
+            self._suppressed = 0
+            self.line(line)
+
+    # -- off the request path -----------------------------------------------------------
+
+    def event(self, fields: dict[str, Any]) -> None:
+        """A control-plane event (switch, weights, rollback, drain done...), one JSON line."""
+        body = {"time": self._clock.iso(time.monotonic()).decode(), "event": True, **fields}
+        self.line(json.dumps(body, separators=(",", ":"), default=str).encode() + b"\n")
+
+    def line(self, line: bytes) -> None:
+        """An already formatted line (escaped, newline-terminated), kept in order."""
+        self.pending.append(line[: PIPE_BUF - 1] + b"\n" if len(line) > PIPE_BUF else line)
+        if self._timer is None and not self.closed:
+            self._timer = self.loop.call_later(FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        timer = self._timer
+        self._timer = None
+        if timer is not None:
+            timer.cancel()
+        pending = self.pending
+        if not pending:
+            self.sink.flush()  # a backlog left by a full pipe
+            return
+        self.pending = []
+        clock = self._clock
+        clock.refresh()
+        fmt = self._format
+        names = self._names
+        lines = []
+        for rec in pending:
+            if type(rec) is bytes:
+                lines.append(rec)
+                continue
+            try:
+                lines.append(fmt(rec, clock, names))  # type: ignore[arg-type]
+            except Exception:  # a bug here must cost a line, never the data plane
+                log.exception("could not format an access log record")
+                self.sink.dropped += 1
+        self.sink.write_lines(lines)
+        if self.sink._queue and self._timer is None and not self.closed:
+            self._timer = self.loop.call_later(FLUSH_DELAY * 4, self.flush)
+
+    def reopen(self) -> None:
+        """SIGUSR1: what is pending goes to the old file, then the path is opened anew."""
+        self.flush()
+        self.sink.reopen()
+
+    def close(self) -> None:
+        self._summary()
+        self.flush()
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.sink.close()
