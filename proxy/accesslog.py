@@ -307,9 +307,14 @@ class AccessLog:
 
     def line(self, line: bytes) -> None:
         """An already formatted line (escaped, newline-terminated), kept in order."""
-        self.pending.append(line[: PIPE_BUF - 1] + b"\n" if len(line) > PIPE_BUF else line)
-        if self._timer is None and not self.closed:
+        pending = self.pending
+        pending.append(line[: PIPE_BUF - 1] + b"\n" if len(line) > PIPE_BUF else line)
+        if self.closed:
+            self.flush()
+        elif self._timer is None:
             self._timer = self.loop.call_later(FLUSH_DELAY, self.flush)
+        elif len(pending) >= FLUSH_BATCH:
+            self.flush()
 
     def flush(self) -> None:
         timer = self._timer

@@ -14,7 +14,8 @@ Nothing here may stall the data plane:
   minute; while the file cannot be opened, opening is retried once a second;
 - a pipe (stdout under a supervisor, ``| jq``, a container runtime) is reopened through
   ``/proc/self/fd`` as a new open file description with ``O_NONBLOCK``, so the rest of
-  the process keeps its blocking stdout. A full pipe keeps up to ``backlog`` bytes here
+  the process keeps its blocking stdout; a named pipe given as the path is opened
+  non-blocking too. A full pipe keeps up to ``backlog`` bytes here
   and retries on the next flush; past that, lines are dropped and counted.
 """
 
@@ -52,6 +53,13 @@ def _nonblocking_copy(fd: int) -> int:
         return os.dup(fd)
 
 
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 class LineSink:
     """Takes batches of whole lines and writes them in atomic pieces."""
 
@@ -75,9 +83,10 @@ class LineSink:
             if dest in STREAMS:
                 self.fd = _nonblocking_copy(STREAMS[dest])
             else:
-                self.fd = os.open(
-                    dest, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644
-                )
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                if _is_fifo(dest):  # a named pipe to a log shipper: never wait on it
+                    flags |= os.O_NONBLOCK
+                self.fd = os.open(dest, flags, 0o644)
         except OSError as exc:
             self.fd = -1
             self._open_failed_at = time.monotonic()
@@ -128,8 +137,8 @@ class LineSink:
         if piece:
             queue.append((b"".join(piece), len(piece)))
             self._queued += size
-        self._trim()
         self.flush()
+        self._trim()
 
     def _trim(self) -> None:
         # A stalled reader must not make the proxy hold unbounded memory.
