@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from access_records import COMBINED, record
 
-from proxy.accesslog import RECORD_SIZE, AccessLog, clf_text, format_combined, json_text
+from proxy.accesslog import AccessLog, clf_text, format_combined, json_text
 from proxy.logsink import PIPE_BUF, LineSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,28 +30,6 @@ HOSTILE = [
     b"}{\"status\":200,\"fake\":true",
     b"x" * 9000,
 ]
-
-
-COMBINED = re.compile(
-    rb'(?P<client>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d+) '
-    rb'(?P<bytes>\d+) "(?P<referer>[^"]*)" "(?P<agent>[^"]*)" "(?P<color>[^"]*)" '
-    rb'"(?P<service>[^"]*)" "(?P<rid>[^"]*)" (?P<duration>[0-9.]+)'
-)
-
-
-def record(**fields: Any) -> tuple[Any, ...]:
-    values: list[Any] = [
-        time.monotonic(), "127.0.0.1", b"GET", b"/", b"1.1", 200, 10, 20, 0.001, 0.0005,
-        "default", "blue", "active", "http://127.0.0.1:1", b"rid-1", None, None, None, None,
-        None,
-    ]  # fmt: skip
-    names = ["end", "client", "method", "target", "version", "status", "bytes_in",
-             "bytes_out", "duration", "upstream_time", "service", "color", "reason",
-             "upstream", "request_id", "head", "tls", "sni", "ws", "trace"]  # fmt: skip
-    assert len(names) == RECORD_SIZE
-    for key, value in fields.items():
-        values[names.index(key)] = value
-    return tuple(values)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
