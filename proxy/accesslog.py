@@ -257,6 +257,7 @@ class AccessLog:
         self._second = 0
         self._rejected = 0  # refusals this second
         self._suppressed = 0  # refusals not logged since the last summary
+        self._summary_timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     @property
@@ -286,9 +287,15 @@ class AccessLog:
         self._rejected += 1
         if self._rejected > self.rejections_per_second:
             self._suppressed += 1
+            if self._summary_timer is None:  # the count is written even if the flood stops
+                self._summary_timer = self.loop.call_later(1.0, self._summary_due)
             return
         self._summary()
         self.add(rec)
+
+    def _summary_due(self) -> None:
+        self._summary_timer = None
+        self._summary()
 
     def _summary(self) -> None:
         if self._suppressed:
@@ -350,6 +357,9 @@ class AccessLog:
         self.sink.reopen()
 
     def close(self) -> None:
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+            self._summary_timer = None
         self._summary()
         self.flush()
         self.closed = True

@@ -3,12 +3,15 @@ OTLP/HTTP receiver."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from otlp_receiver import OtlpReceiver, start_receiver
 
+from conftest import Proxy, StartProxy, Upstream, config_dict
 from proxy.tracing import RequestIds, Tracer, parse_traceparent, valid_request_id
 
 GOOD = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -111,3 +114,78 @@ async def test_exporter_delivers_spans_to_an_otlp_http_receiver(receiver: OtlpRe
         "bgproxy.request_id": "rid-7",
     }  # fmt: skip
     assert abs((got.end - got.start) / 1e9 - 0.25) < 1e-3
+
+
+async def test_the_app_sees_the_proxy_span_as_parent_and_the_receiver_gets_it(
+    receiver: OtlpReceiver, upstreams: dict[str, Upstream], start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    log = tmp_path / "access.log"
+    cfg = config_dict(
+        [upstreams["blue"].url], [upstreams["green"].url],
+        tracing={"otlp_endpoint": receiver.url, "sample_ratio": 1.0, "service_name": "edge"},
+        access_log={"destination": str(log)},
+    )  # fmt: skip
+    proxy = await start_proxy(cfg)
+    status, _, headers = await proxy.get(
+        "/traced?q=1", headers={"traceparent": GOOD.decode(), "tracestate": "vendor=abc"}
+    )
+    assert status == 200
+    seen = upstreams["blue"].behaviour.seen[-1]["headers"]
+    sent = {k.lower(): v for k, v in seen.items()}
+    trace, parent, flags = parse_traceparent(sent["traceparent"].encode()) or ((), (), 0)
+    assert trace == GOOD[3:35] and flags == 1
+    assert parent != GOOD[36:52]  # the app's parent is the proxy's span, not the client's
+    assert sent["tracestate"] == "vendor=abc"
+    # A new trace (no traceparent) is started and sampled at ratio 1.
+    assert (await proxy.get("/fresh"))[0] == 200
+    fresh = {k.lower(): v for k, v in upstreams["blue"].behaviour.seen[-1]["headers"].items()}
+    new_trace = parse_traceparent(fresh["traceparent"].encode())
+    assert new_trace is not None and new_trace[0] != trace and new_trace[2] == 1
+
+    spans = {s.attributes["url.path"]: s for s in await receiver.wait_for(2)}
+    span = spans["/traced"]
+    assert (span.trace_id, span.span_id, span.parent_span_id) == (
+        trace.decode(), parent.decode(), GOOD[36:52].decode()
+    )  # fmt: skip
+    assert span.resource["service.name"] == "edge" and span.name == "GET"
+    assert span.attributes["bgproxy.color"] == "blue"
+    assert span.attributes["bgproxy.reason"] == "active"
+    assert span.attributes["bgproxy.request_id"] == {
+        k.lower(): v for k, v in headers.items()
+    }["x-request-id"]  # fmt: skip
+    assert spans["/fresh"].parent_span_id == ""
+    # The access line names the same trace and span.
+    observer = proxy.run.observer
+    assert observer is not None and observer.access is not None
+    observer.access.flush()
+    line = next(x for x in map(json.loads, log.read_bytes().splitlines())
+                if x["target"] == "/traced?q=1")  # fmt: skip
+    assert (line["trace_id"], line["span_id"]) == (span.trace_id, span.span_id)
+
+
+async def test_unsampled_requests_are_propagated_but_not_exported(
+    receiver: OtlpReceiver, upstreams: dict[str, Upstream], start_proxy: StartProxy
+) -> None:
+    cfg = config_dict(
+        [upstreams["blue"].url], [upstreams["green"].url],
+        tracing={"otlp_endpoint": receiver.url, "sample_ratio": 0.0},
+    )  # fmt: skip
+    proxy = await start_proxy(cfg)
+    unsampled = GOOD[:-2] + b"00"
+    assert (await proxy.get("/n", headers={"traceparent": unsampled.decode()}))[0] == 200
+    sent = {k.lower(): v for k, v in upstreams["blue"].behaviour.seen[-1]["headers"].items()}
+    parsed = parse_traceparent(sent["traceparent"].encode())
+    assert parsed is not None and parsed[0] == GOOD[3:35] and parsed[2] == 0
+    assert (await proxy.get("/s", headers={"traceparent": GOOD.decode()}))[0] == 200
+    (span,) = await receiver.wait_for(1)
+    assert span.attributes["url.path"] == "/s"  # only the sampled one
+
+
+async def test_without_an_endpoint_traceparent_passes_through_untouched(
+    proxy: Proxy, upstreams: dict[str, Upstream]
+) -> None:
+    headers = {"traceparent": GOOD.decode(), "tracestate": "v=1"}
+    assert (await proxy.get("/p", headers=headers))[0] == 200
+    sent = {k.lower(): v for k, v in upstreams["blue"].behaviour.seen[-1]["headers"].items()}
+    assert (sent["traceparent"], sent["tracestate"]) == (GOOD.decode(), "v=1")
