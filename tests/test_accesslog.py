@@ -297,3 +297,32 @@ async def test_refusals_are_logged_escaped_and_rate_limited(
     assert len(refused) <= 5 * 3
     first = refused[0]
     assert first["status"] == 400 and first["service"] is None
+
+
+async def test_hostile_header_values_that_are_forwarded_never_break_a_line(
+    start_proxy: StartProxy, upstreams: dict[str, Upstream], tmp_path: Path
+) -> None:
+    # Values llhttp lets through (obs-text, DEL, quotes, backslashes, a JSON look-alike)
+    # reach the upstream and the log; each still makes exactly one line.
+    path = tmp_path / "access.log"
+    proxy = await logged_proxy(start_proxy, upstreams, path)
+    host, port = proxy.run.proxy_address
+    values = [b'"},"status":999,"x":{"', b"back\\slash", b"del\x7fdel", b"\xff\xfe\xc3(",
+              "é漢".encode(), b"\x1b]0;title\x07"]  # fmt: skip
+    for i, value in enumerate(values):
+        request = (b"GET /h%d HTTP/1.1\r\nHost: a\r\nUser-Agent: %s\r\nReferer: %s\r\n"
+                   b"Connection: close\r\n\r\n" % (i, value, value))  # fmt: skip
+        raw = await raw_exchange(host, port, request)
+        assert raw.startswith((b"HTTP/1.1 200", b"HTTP/1.1 400")), raw[:40]
+    await wait_line(proxy, path, lambda x: x.get("target") == f"/h{len(values) - 1}")
+    data = path.read_bytes()
+    assert data.isascii()
+    got = [json.loads(line) for line in data.splitlines()]
+    assert len(got) == len(values)
+    assert sum(line["status"] == 200 for line in got) >= 4, got
+    for line in got:
+        assert line["status"] in (200, 400)
+        if line["status"] == 200:
+            i = int(line["target"][2:])
+            assert line["user_agent"] == values[i].decode("utf-8", "backslashreplace")
+            assert line["referer"] == line["user_agent"]
