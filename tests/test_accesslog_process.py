@@ -100,6 +100,25 @@ async def test_workers_under_load_share_one_file_line_by_line(
         assert sorted(logged) == sorted(paths)
         _, status = await proc.admin("GET", "/status")
         assert len({i["pid"] for i in status["instances"]}) == 3
+
+        # Rotation: the supervisor forwards SIGUSR1 and each worker reopens its own file.
+        # Until all have, a worker still writes to the moved file; no line is lost.
+        rotated = tmp_path / "access.log.1"
+        mv = await asyncio.create_subprocess_exec("mv", str(log), str(rotated))
+        assert await mv.wait() == 0
+        proc.signal(signal.SIGUSR1)
+        sent = list(paths)
+        for round_ in range(100):
+            batch = [f"/r{round_}/{i}" for i in range(30)]
+            await get_all(proc.url, batch, concurrency=10)
+            sent += batch
+            new = set(await read_targets(log, 0)) if log.exists() else set()
+            if set(batch) <= new:
+                break
+        else:
+            raise AssertionError("the workers never reopened the log")
+        both = await read_targets(rotated, 0) + await read_targets(log, 0)
+        assert sorted(both) == sorted(sent)  # every line once, in one file or the other
     finally:
         await proc.stop()
 
