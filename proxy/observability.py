@@ -9,16 +9,38 @@ and ``tracing`` sections, and closed there: pending lines flushed, spans sent.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config import Config
 from config.observability import request_ids_on
 from proxy.accesslog import R_TRACE, AccessLog
+from proxy.router import Reason
 from proxy.tracing import RequestIds, Span, Tracer
 
+if TYPE_CHECKING:
+    from proxy.settings import Settings
+
 log = logging.getLogger("bgproxy.events")
+
+
+def real_client(xff: bytes, settings: Settings) -> str | None:
+    """The client a trusted peer's ``X-Forwarded-For`` names, as nginx's realip module
+    with ``real_ip_recursive`` reads it: the rightmost address that is not itself a
+    trusted proxy. None when an entry is not an address (the socket peer is logged)."""
+    found = None
+    for part in reversed(xff.split(b",")):
+        text = part.strip().decode("latin-1")
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            return None
+        found = text
+        if not settings.is_trusted(text):
+            break
+    return found
 
 
 class Observer:
@@ -36,6 +58,16 @@ class Observer:
         name = (id_header or "X-Request-Id").encode("latin-1")
         self.id_header = name.lower()  # how the request path recognises it
         self.id_line = name + b": "  # how it writes it, up- and downstream
+        # Fields the request path rewrites: the ID while IDs are made, traceparent while
+        # tracing. The fast reader leaves requests carrying them to llhttp's path.
+        self.watch = ids is not None or tracer is not None
+        self._marks = tuple(
+            b"\r\n" + n + b":" for n, on in ((self.id_header, ids), (b"traceparent", tracer))
+            if on is not None
+        )  # fmt: skip
+        # The router's reasons as the log spells them.
+        self.reasons = {Reason.ACTIVE: "active", Reason.OVERRIDE: "override",
+                        Reason.WEIGHTED: "weight", Reason.STICKY: "sticky"}  # fmt: skip
 
     @property
     def active(self) -> bool:
@@ -47,6 +79,11 @@ class Observer:
         return self.access.dropped if self.access is not None else 0
 
     # -- the request path ---------------------------------------------------------------
+
+    def rewrites(self, head: bytes) -> bool:
+        """Whether a raw head carries a field this observer rewrites (any case)."""
+        low = head.lower()
+        return any(mark in low for mark in self._marks)
 
     def start_span(self, traceparent: bytes | None, now: float) -> Span | None:
         tracer = self.tracer

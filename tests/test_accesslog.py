@@ -138,7 +138,16 @@ async def test_request_ids_from_trusted_peers_are_kept_and_others_replaced(
     theirs = up_header(upstreams["blue"].behaviour.seen[-1], "X-Request-Id")
     assert theirs == header(headers, "X-Request-Id")
 
+    # The client is the one the trusted proxy names, not the proxy (nginx's realip).
+    xff = {"X-Forwarded-For": "198.51.100.7, 127.0.0.1"}
+    assert (await proxy.get("/behind", headers=xff))[0] == 200
+    line = await wait_line(proxy, path, lambda x: x.get("target") == "/behind")
+    assert line["client"] == "198.51.100.7"
+
     untrusted = await logged_proxy(start_proxy, upstreams, tmp_path / "b.log")
+    status, _, _ = await untrusted.get("/spoof", headers={"X-Forwarded-For": "203.0.113.1"})
+    line = await wait_line(untrusted, tmp_path / "b.log", lambda x: x.get("target") == "/spoof")
+    assert line["client"] == "127.0.0.1"  # from anyone else, the socket peer
     status, _, headers = await untrusted.get("/u", headers={"X-Request-Id": "spoofed"})
     assert header(headers, "X-Request-Id") != "spoofed"
     seen = upstreams["blue"].behaviour.seen[-1]
