@@ -193,6 +193,8 @@ def log_events(run: Running) -> None:
     observer = run.observer
     if observer is None:
         return
+    # Only services still served: a removed one must be free to go (its store with it).
+    run.logged &= {control.service for control in run.control.services.values()}
     for name, control in run.control.services.items():
         service = control.service
         if service in run.logged:
