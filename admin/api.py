@@ -44,6 +44,7 @@ from proxy.state import (
 if TYPE_CHECKING:
     from admin.gates import Gates
     from admin.hooks import Hooks
+    from proxy.observability import Observer
 
 log = logging.getLogger("bgproxy.admin")
 
@@ -248,6 +249,10 @@ class ControlPlane:
         self.token = token
         self.ready = False
         self.identity = Identity.for_process()
+        # The access log and tracing (set by the runner); lines dropped by the workers'
+        # logs, summed from their reports (--workers).
+        self.observer: Observer | None = None
+        self.workers_log_dropped = 0
         self.services: dict[str, ServiceControl] = {}
         self.sync_services()
 

@@ -112,6 +112,8 @@ def demo_config(port: int, admin_port: int, apps: dict[str, tuple[int, int]]) ->
         "rollback": {"window": "2m", "interval": "5s", "min_requests": 10},
         # Short steps, so a rollout steps (or aborts) while you watch.
         "rollout": {"steps": [10, 25, 50, 100], "step_interval": "15s"},
+        # One JSON line per request, and the switches between them: what a demo is for.
+        "access_log": {"destination": "stdout"},
     }
 
 

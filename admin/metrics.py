@@ -50,6 +50,17 @@ class ProxyCollector:
                 if kept is not metric:
                     kept.samples.extend(metric.samples)
         yield from families.values()
+        yield self._log_metrics()
+
+    def _log_metrics(self) -> Metric:
+        observer = self.control.observer
+        dropped = CounterMetricFamily(
+            "bgproxy_access_log_dropped",
+            "Access-log lines dropped: the destination was unwritable or not keeping up.",
+        )
+        own = observer.dropped if observer is not None else 0
+        dropped.add_metric([], own + self.control.workers_log_dropped)
+        return dropped
 
     def _service_metrics(self, control: ServiceControl) -> Iterator[Metric]:
         server = control.service

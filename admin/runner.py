@@ -12,8 +12,9 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -28,8 +29,10 @@ from admin.rollout_api import add_rollout_routes
 from config import Config, ConfigError, ServiceConfig, load_config
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
+from proxy.observability import Observer, build_observer
+from proxy.otel import OtelUnavailable
 from proxy.server import ProxyServer
-from proxy.state import StateStore, StoreUnavailable
+from proxy.state import Event, Listener, RoutingState, StateStore, StoreUnavailable
 
 log = logging.getLogger("bgproxy")
 
@@ -77,6 +80,8 @@ class Running:
     stores: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     watches: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     health: HealthChecker | None = None
+    observer: Observer | None = None
+    logged: set[Any] = field(default_factory=set)  # services whose events are logged
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -117,7 +122,13 @@ async def running(
                 svc.name: await _open_store(store_stacks, config, svc) for svc in config.services
             }
         server = ProxyServer(config, stores)
+        # Closed after the server (the stack unwinds in reverse): the last requests' lines
+        # and spans still go out.
+        observer = _observer(config, data_plane)
+        stack.push_async_callback(observer.close)
+        server.observer = observer if observer.active else None
         control = ControlPlane(server, token)
+        control.observer = observer
         runner = None
         if admin:
             app = build_admin_app(control, config.limits.admin_max_body_bytes)
@@ -151,7 +162,11 @@ async def running(
         checker = None
         if health_checks:
             checker = await safety.enter_async_context(HealthChecker(server))
-        run = Running(server, control, runner, admin, safety, store_stacks, health=checker)
+        run = Running(
+            server, control, runner, admin, safety, store_stacks, health=checker,
+            observer=observer,
+        )  # fmt: skip
+        log_events(run)
         safety.push_async_callback(_close_all, run.watches)
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
             for svc_control in control.services.values():
@@ -162,6 +177,54 @@ async def running(
         finally:
             control.ready = False
             await safety.aclose()
+
+
+def _observer(config: Config, data_plane: bool) -> Observer:
+    try:
+        observer = build_observer(config, data_plane)
+    except OtelUnavailable as exc:
+        raise StartupError(f"tracing.otlp_endpoint: {exc}", code=2) from exc
+    access = observer.access
+    if access is not None and access.sink.error is not None:
+        raise StartupError(f"access_log.destination: {access.sink.error}")
+    return observer
+
+
+def log_events(run: Running) -> None:
+    """Control-plane events as log lines: every accepted change (switch, weights,
+    rollback, rollout step...) and drain end where the state is decided (this process
+    has the admin API), each handoff batch where the WebSockets are (it serves)."""
+    observer = run.observer
+    if observer is None:
+        return
+    # Only services still served: a removed one must be free to go (its store with it).
+    run.logged &= {control.service for control in run.control.services.values()}
+    for name, control in run.control.services.items():
+        service = control.service
+        if service in run.logged:
+            continue
+        run.logged.add(service)
+        note = _noter(observer, name)
+        if run.admin:
+            service.store.add_listener(_event_listener(note))
+            service.drain.on_done = note
+        if run.server.observer is not None or not run.admin:
+            service.drain.on_handoff = note
+
+
+def _event_listener(note: Callable[[dict[str, Any]], None]) -> Listener:
+    def listener(old: RoutingState, new: RoutingState, event: Event | None) -> None:
+        if event is not None:  # None: a re-read or re-seed, no change of anyone's making
+            note(event.to_dict())
+
+    return listener
+
+
+def _noter(observer: Observer, service: str) -> Callable[[dict[str, Any]], None]:
+    def note(fields: dict[str, Any]) -> None:
+        observer.event({"service": service, **fields})
+
+    return note
 
 
 async def watch_service(run: Running, control: ServiceControl) -> None:
@@ -240,6 +303,7 @@ async def _add_services(run: Running, config: Config, names: set[str]) -> None:
 async def _follow_services(run: Running) -> None:
     """After a reload: controls for new services, watches started and ended to match."""
     added = run.control.sync_services()
+    log_events(run)
     if run.admin:
         for control in added:
             await watch_service(run, control)

@@ -204,7 +204,9 @@ class Channel:
             for name, store in self.stores.items()
             if name in server.services
         }
-        self._writer.write(encode_line({"t": "report", "services": services}))
+        dropped = server.observer.dropped if server.observer is not None else 0
+        msg = {"t": "report", "services": services, "log_dropped": dropped}
+        self._writer.write(encode_line(msg))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         self._tasks.spawn(coro, name)
@@ -275,6 +277,8 @@ async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) ->
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
+            if run.observer is not None:  # logrotate: the supervisor forwards SIGUSR1
+                loop.add_signal_handler(signal.SIGUSR1, run.observer.reopen)
             orphaned = loop.create_task(channel.closed.wait(), name="supervisor-gone")
             stopped = loop.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait({orphaned, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -99,6 +99,7 @@ def count(
     close: bool = False,
     services: int = 1,
     health_interval: str = "2s",
+    access_log: str = "off",
 ) -> int:
     """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown.
     With ``services`` > 1, the requests' Host is claimed by the last of that many services
@@ -110,6 +111,8 @@ def count(
     # Health checks run by the clock, not per request: under callgrind a run takes about a
     # minute, so with many services their rounds would be counted as request cost.
     text += f"health_check: {{ interval: {health_interval} }}\n"
+    if access_log != "off":  # a file, as a production edge would write it
+        text += f'access_log: {{ destination: "{base / "access.log"}", format: {access_log} }}\n'
     if services > 1:
         text += "services:\n"
         for i in range(services):
@@ -131,7 +134,7 @@ def count(
     with open(base / f"valgrind-{build}-{requests}.log", "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=log_file)
     try:
-        deadline = time.monotonic() + 300  # start-up is ~50x slower under callgrind, more on a busy machine
+        deadline = time.monotonic() + 300  # start-up is ~50x slower under callgrind
         while time.monotonic() < deadline:
             try:
                 status, body = http_json(admin_port, "GET", status_path, timeout=2)
@@ -177,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         default="2s",
         help="health_check.interval of the measured proxy (e.g. 1h to leave checks out)",
     )
+    p.add_argument(
+        "--access-log",
+        choices=("off", "json", "combined"),
+        default="off",
+        help="write an access log to a file in this format (both counts: start-up and load)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     ensure_tools(["nginx"])
@@ -215,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         False,
                         args.services,
                         args.health_interval,
+                        args.access_log,
                     )
                     for _ in "ab"
                 ]
@@ -230,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     close,
                     args.services,
                     args.health_interval,
+                    args.access_log,
                 )
                 per = (busy - idle) / args.requests
                 results[build] = {"startup": idle, "total": busy, "per_request": per}
@@ -240,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     how = "a new connection each" if args.mode == "close" else "keep-alive"
     svcs = f", {args.services} services" if args.services > 1 else ""
-    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}")
+    logs = f", access log {args.access_log} to a file" if args.access_log != "off" else ""
+    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}")
     print_rows(["build", "requests", "instr start+stop", "instr total", "instr/request"], rows)
     if len(results) == 2:
         ratio = results["compiled"]["per_request"] / results["python"]["per_request"]

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
 from .schema import (
     SERVICE_NAME,
     SERVICE_SECTIONS,
@@ -231,6 +232,13 @@ def _str(value: object) -> str:
     if isinstance(value, str):
         return value
     raise ValueError(f"expected a string, got {_show(value)}")
+
+
+def _switch(value: object) -> str:
+    """``on``/``off``/``auto``; YAML 1.1 reads a bare on/off as a boolean, so both work."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _str(value)
 
 
 def _optional(convert: Callable[[object], T]) -> Callable[[object], T | None]:
@@ -583,6 +591,29 @@ _SECTIONS: tuple[tuple[str, _Builder], ...] = (
                 "max_connections": _int,
                 "admin_max_body_bytes": parse_size,
             },
+        ),
+    ),
+)
+# Top-level only: one log stream and one trace export per process, whatever the service.
+_SECTIONS += (
+    (
+        "access_log",
+        _flat(
+            AccessLogConfig,
+            {
+                "destination": _optional(_str),
+                "format": _str,
+                "sample": _number,
+                "rejections_per_second": _int,
+            },
+        ),
+    ),
+    ("request_id", _flat(RequestIdConfig, {"header": _optional(_str), "mode": _switch})),
+    (
+        "tracing",
+        _flat(
+            TracingConfig,
+            {"otlp_endpoint": _optional(_str), "sample_ratio": _number, "service_name": _str},
         ),
     ),
 )

@@ -20,6 +20,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import ConfigError as ConfigError  # re-exported: its home before errors.py
+from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
+
 COLORS = ("blue", "green")
 STATE_BACKENDS = ("memory", "redis")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -31,17 +34,6 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z
 # A path goes verbatim into a request line: visible ASCII only, no spaces.
 _REQUEST_PATH = re.compile(r"/[!-~]*")
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
-
-
-class ConfigError(Exception):
-    """Every problem found in a config, each as "dotted.key.path: message"."""
-
-    errors: list[str]
-
-    def __init__(self, errors: str | Iterable[str]) -> None:
-        # A lone string is one error, not an iterable of characters.
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        Exception.__init__(self, "\n".join(self.errors))
 
 
 class _Problems:
@@ -505,6 +497,9 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     services: tuple[ServiceConfig, ...] = ()
     default_service: str | None = None
+    access_log: AccessLogConfig = AccessLogConfig()
+    request_id: RequestIdConfig = RequestIdConfig()
+    tracing: TracingConfig = TracingConfig()
 
     def __post_init__(self) -> None:
         p = _Problems()

@@ -31,5 +31,7 @@ cdef class ClientConnection(Exchange):
     @cython.locals(is_upgrade=bint, service=Service, value=bytes, override=bytes, sticky=bytes,
                    token=bytes, cl=bytes, roll=double)
     cdef _route_and_send(self, Request req, bint upgrade)
+    cdef _take_observed(self, Request req, observer, bint trusted)
+    cdef _observe(self, observer, Request req)
     cdef _after_upgrade_head(self, bytes rest)
     cdef _next_request(self)

@@ -21,5 +21,6 @@ cdef class ProxyServer:
     cdef public double _bad_logged_at
     cdef public dict services
     cdef public object table
+    cdef public object observer
 
     cpdef note_bad_request(self, int status)

@@ -80,6 +80,8 @@ class ProxyServer:
         self._bad_requests: Counter[int] = Counter()
         self._bad_logged_at = 0.0
         self.services: dict[str, Service] = {}
+        # Access log, request IDs, tracing (proxy/observability.py): None while all are off.
+        self.observer: Any = None
         self.table = ServiceTable((), None)
         self.apply_config(config, stores)
 

@@ -5,6 +5,7 @@ Ctrl-C stops everything with exit 0."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -129,6 +130,11 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         rest = await asyncio.wait_for(proc.stdout.read(), 15)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         assert "bgproxy demo stopped" in rest.decode()
+        # The demo logs to stdout: a JSON line per request, and the switches among them.
+        logged = [json.loads(line) for line in rest.splitlines() if line.startswith(b"{")]
+        assert any(x.get("status") == 200 and x.get("service") == "api" for x in logged)
+        assert any(x.get("event") and x["action"] == "switch" and x["service"] == "api"
+                   and x["to"] == "green" for x in logged)  # fmt: skip
         # Everything it started is gone: the ports are free again.
         for p in (port, admin_port, *app_ports):
             with socket.socket() as s:
