@@ -78,6 +78,17 @@ class ProxyCollector:
                     when = dt.datetime.fromisoformat(cert["not_after"]).timestamp()
                     expiry.add_metric([name], when)
         yield expiry
+        yield self._log_metrics()
+
+    def _log_metrics(self) -> Metric:
+        observer = self.control.observer
+        dropped = CounterMetricFamily(
+            "bgproxy_access_log_dropped",
+            "Access-log lines dropped: the destination was unwritable or not keeping up.",
+        )
+        own = observer.dropped if observer is not None else 0
+        dropped.add_metric([], own + self.control.workers_log_dropped)
+        return dropped
 
     def _service_metrics(self, control: ServiceControl) -> Iterator[Metric]:
         server = control.service
@@ -166,6 +177,17 @@ class ProxyCollector:
             weight.add_metric([svc, color.value], state.weights.of(color))
         yield active
         yield weight
+        # The weights a running rollout has set (0 for both when none runs): a graph of the
+        # release's progress, apart from manual splits.
+        rollout = GaugeMetricFamily(
+            "bgproxy_rollout_weight",
+            "Weight of each color set by the running rollout; 0 when none runs.",
+            labels=["service", "color"],
+        )
+        running = state.rollout is not None and state.rollout.running
+        for color in COLORS:
+            rollout.add_metric([svc, color.value], state.weights.of(color) if running else 0)
+        yield rollout
         generation = GaugeMetricFamily(
             "bgproxy_state_generation",
             "Generation of the routing state this instance applies.",
@@ -185,11 +207,22 @@ class ProxyCollector:
         rollback = control.rollback
         auto = CounterMetricFamily(
             "bgproxy_auto_rollbacks_total",
-            "Rollbacks the rollback controller made.",
+            "Rollbacks the rollback controller made, and rollouts aborted by their watch.",
             labels=["service"],
         )
-        auto.add_metric([svc], rollback.auto_rollbacks if rollback is not None else 0)
+        n = rollback.auto_rollbacks if rollback is not None else 0
+        n += control.rollout.auto_aborts if control.rollout is not None else 0
+        auto.add_metric([svc], n)
         yield auto
+        hooks = CounterMetricFamily(
+            "bgproxy_hook_calls_total",
+            "Hook calls by hook name and result (ok, error, timeout, unreachable, dropped).",
+            labels=["service", "hook", "result"],
+        )
+        if control.hooks is not None:
+            for (name, result), count in sorted(control.hooks.calls.items()):
+                hooks.add_metric([svc, name, result], count)
+        yield hooks
         available = GaugeMetricFamily(
             "bgproxy_state_store_available",
             "1 when the state store accepts writes, else 0 (the proxy keeps serving).",

@@ -12,23 +12,29 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 from admin.api import ControlPlane, ServiceControl, build_admin_app
 from admin.fleet import connect_store, open_store
 from admin.gates import Gates
+from admin.hooks import Hooks
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
+from admin.rollout import RolloutDriver
+from admin.rollout_api import add_rollout_routes
 from config import Config, ConfigError, ServiceConfig, load_config
 from config.tls import warnings as tls_warnings
 from proxy.edge import Edge, bind
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
+from proxy.observability import Observer, build_observer
+from proxy.otel import OtelUnavailable
 from proxy.server import ProxyServer
-from proxy.state import StateStore, StoreUnavailable
+from proxy.state import Event, Listener, RoutingState, StateStore, StoreUnavailable
 
 log = logging.getLogger("bgproxy")
 
@@ -76,6 +82,8 @@ class Running:
     stores: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     watches: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     health: HealthChecker | None = None
+    observer: Observer | None = None
+    logged: set[Any] = field(default_factory=set)  # services whose events are logged
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -125,10 +133,17 @@ async def running(
                 svc.name: await _open_store(store_stacks, config, svc) for svc in config.services
             }
         server = ProxyServer(config, stores)
+        # Closed after the server (the stack unwinds in reverse): the last requests' lines
+        # and spans still go out.
+        observer = _observer(config, data_plane)
+        stack.push_async_callback(observer.close)
+        server.observer = observer if observer.active else None
         control = ControlPlane(server, token)
+        control.observer = observer
         runner = None
         if admin:
             app = build_admin_app(control, config.limits.admin_max_body_bytes)
+            add_rollout_routes(app, control)
             add_metrics_route(app, build_registry(control))
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
@@ -153,7 +168,11 @@ async def running(
         checker = None
         if health_checks:
             checker = await safety.enter_async_context(HealthChecker(server))
-        run = Running(server, control, runner, admin, safety, store_stacks, health=checker)
+        run = Running(
+            server, control, runner, admin, safety, store_stacks, health=checker,
+            observer=observer,
+        )  # fmt: skip
+        log_events(run)
         safety.push_async_callback(_close_all, run.watches)
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
             for svc_control in control.services.values():
@@ -201,15 +220,75 @@ async def _start_listeners(
             raise StartupError(
                 f"tls.listen: cannot listen on {config.tls.listen}: {exc.strerror}"
             ) from exc
+def _observer(config: Config, data_plane: bool) -> Observer:
+    try:
+        observer = build_observer(config, data_plane)
+    except OtelUnavailable as exc:
+        raise StartupError(f"tracing.otlp_endpoint: {exc}", code=2) from exc
+    access = observer.access
+    if access is not None and access.sink.error is not None:
+        raise StartupError(f"access_log.destination: {access.sink.error}")
+    return observer
+
+
+def log_events(run: Running) -> None:
+    """Control-plane events as log lines: every accepted change (switch, weights,
+    rollback, rollout step...) and drain end where the state is decided (this process
+    has the admin API), each handoff batch where the WebSockets are (it serves)."""
+    observer = run.observer
+    if observer is None:
+        return
+    # Only services still served: a removed one must be free to go (its store with it).
+    run.logged &= {control.service for control in run.control.services.values()}
+    for name, control in run.control.services.items():
+        service = control.service
+        if service in run.logged:
+            continue
+        run.logged.add(service)
+        note = _noter(observer, name)
+        if run.admin:
+            service.store.add_listener(_event_listener(note))
+            service.drain.on_done = note
+        if run.server.observer is not None or not run.admin:
+            service.drain.on_handoff = note
+
+
+def _event_listener(note: Callable[[dict[str, Any]], None]) -> Listener:
+    def listener(old: RoutingState, new: RoutingState, event: Event | None) -> None:
+        if event is not None:  # None: a re-read or re-seed, no change of anyone's making
+            note(event.to_dict())
+
+    return listener
+
+
+def _noter(observer: Observer, service: str) -> Callable[[dict[str, Any]], None]:
+    def note(fields: dict[str, Any]) -> None:
+        observer.event({"service": service, **fields})
+
+    return note
 
 
 async def watch_service(run: Running, control: ServiceControl) -> None:
-    """Gates and the rollback watch of one service, closed with the process (or when a
-    reload removes the service)."""
+    """Gates, hooks, the rollback watch and the rollout driver of one service, closed with
+    the process (or when a reload removes the service). Only a process with the admin API
+    runs them: with ``--workers``, the supervisor drives and the workers follow."""
     stack = contextlib.AsyncExitStack()
     control.gates = await stack.enter_async_context(Gates(control.service))
+    service = control.service
+    control.hooks = await stack.enter_async_context(
+        Hooks(control.name, lambda: service.config.hooks)
+    )
     control.rollback = await stack.enter_async_context(RollbackController(control))
+    control.rollout = await stack.enter_async_context(RolloutDriver(control))
+    # Starting them awaits: a reload right behind this one may have removed the service
+    # meanwhile, or started it again. Keep only the current control's watch, never two.
+    if run.control.services.get(control.name) is not control:
+        await stack.aclose()
+        return
+    old = run.watches.pop(control.name, None)
     run.watches[control.name] = stack
+    if old is not None:
+        await old.aclose()
 
 
 async def _open_store(
@@ -271,6 +350,7 @@ async def _add_services(run: Running, config: Config, names: set[str]) -> None:
 async def _follow_services(run: Running) -> None:
     """After a reload: controls for new services, watches started and ended to match."""
     added = run.control.sync_services()
+    log_events(run)
     if run.admin:
         for control in added:
             await watch_service(run, control)

@@ -41,6 +41,8 @@ async def serve(config: Config, path: str | None) -> int:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         if path is not None:
             loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
+        if run.observer is not None:  # logrotate's postrotate, as for nginx
+            loop.add_signal_handler(signal.SIGUSR1, run.observer.reopen)
         await stop.wait()
         log.info("shutting down")
         await graceful_stop(run, run.server.config.drain.timeout)

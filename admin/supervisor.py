@@ -96,10 +96,12 @@ class Slot:
         self.ready = False  # reported at least once since it was started
         self.tls_sock: socket.socket | None = None  # its share of tls.listen, if any
         self.tls_seen: dict[str, int] = {}  # its TLS handshake counts, last report
+        self.log_dropped = 0  # access-log lines the running process reported dropped
 
     def reset(self) -> None:
         self.proc = self.writer = None
         self.ready = False
+        self.log_dropped = 0
         # A new process counts from zero.
         self.services = {name: SlotService() for name in self.services}
         self.tls_seen = {}
@@ -334,6 +336,10 @@ class WorkerPool:
                 delta = int(count) - slot.tls_seen.get(result, 0)
                 slot.tls_seen[result] = int(count)
                 self.tls_handshakes[result] = self.tls_handshakes.get(result, 0) + max(0, delta)
+            dropped = int(msg.get("log_dropped", 0))
+            if dropped > slot.log_dropped:  # cumulative per worker process
+                self.run.control.workers_log_dropped += dropped - slot.log_dropped
+            slot.log_dropped = dropped
             slot.last_seen = time.time()
             slot.ready = True
             self._update_totals()
@@ -492,6 +498,7 @@ async def supervise(config: Config, path: str, workers: int) -> int:
                 loop.add_signal_handler(signal.SIGTERM, stop.set)
                 loop.add_signal_handler(signal.SIGINT, stop.set)
                 loop.add_signal_handler(signal.SIGHUP, _reload, run, path, pool)
+                loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, run, pool)
                 await stop.wait()
                 log.info("shutting down %d workers", workers)
                 control.ready = False
@@ -500,6 +507,13 @@ async def supervise(config: Config, path: str, workers: int) -> int:
         for sock in socks + tls_socks:
             sock.close()
     return 0
+
+
+def _reopen_logs(run: Running, pool: WorkerPool) -> None:
+    # logrotate signals the process it knows (this one): every worker reopens its own.
+    if run.observer is not None:
+        run.observer.reopen()
+    pool.signal_all(signal.SIGUSR1)
 
 
 def _reload(run: Running, path: str, pool: WorkerPool) -> None:

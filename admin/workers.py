@@ -204,7 +204,8 @@ class Channel:
             for name, store in self.stores.items()
             if name in server.services
         }
-        report: dict[str, Any] = {"t": "report", "services": services}
+        dropped = server.observer.dropped if server.observer is not None else 0
+        report: dict[str, Any] = {"t": "report", "services": services, "log_dropped": dropped}
         if server.edge is not None:
             report["tls"] = dict(server.edge.handshakes)  # cumulative, this process
         self._writer.write(encode_line(report))
@@ -281,6 +282,8 @@ async def _worker(
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
+            if run.observer is not None:  # logrotate: the supervisor forwards SIGUSR1
+                loop.add_signal_handler(signal.SIGUSR1, run.observer.reopen)
             orphaned = loop.create_task(channel.closed.wait(), name="supervisor-gone")
             stopped = loop.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait({orphaned, stopped}, return_when=asyncio.FIRST_COMPLETED)

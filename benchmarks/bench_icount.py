@@ -160,6 +160,7 @@ def count(
     services: int = 1,
     health_interval: str = "2s",
     tls: bool = False,
+    access_log: str = "off",
 ) -> int:
     """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown.
     With ``services`` > 1, the requests' Host is claimed by the last of that many services
@@ -176,6 +177,8 @@ def count(
         cert, key = self_signed(base)
         text += f'tls: {{ listen: "127.0.0.1:{tls_port}", '
         text += f'certificates: [{{ cert: "{cert}", key: "{key}" }}] }}\n'
+    if access_log != "off":  # a file, as a production edge would write it
+        text += f'access_log: {{ destination: "{base / "access.log"}", format: {access_log} }}\n'
     if services > 1:
         text += "services:\n"
         for i in range(services):
@@ -250,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="over the HTTPS listener (ECDSA P-256; with --mode close, a handshake each)",
     )
+    p.add_argument(
+        "--access-log",
+        choices=("off", "json", "combined"),
+        default="off",
+        help="write an access log to a file in this format (both counts: start-up and load)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     ensure_tools(["nginx"])
@@ -289,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.services,
                         args.health_interval,
                         args.tls,
+                        args.access_log,
                     )
                     for _ in "ab"
                 ]
@@ -305,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.services,
                     args.health_interval,
                     args.tls,
+                    args.access_log,
                 )
                 per = (busy - idle) / args.requests
                 results[build] = {"startup": idle, "total": busy, "per_request": per}
@@ -315,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     how = "a new connection each" if args.mode == "close" else "keep-alive"
     svcs = f", {args.services} services" if args.services > 1 else ""
-    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}")
+    logs = f", access log {args.access_log} to a file" if args.access_log != "off" else ""
+    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}")
     print_rows(["build", "requests", "instr start+stop", "instr total", "instr/request"], rows)
     if len(results) == 2:
         ratio = results["compiled"]["per_request"] / results["python"]["per_request"]

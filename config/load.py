@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
 from .schema import (
     SERVICE_NAME,
     SERVICE_SECTIONS,
@@ -31,10 +32,12 @@ from .schema import (
     DrainConfig,
     GatesConfig,
     HealthCheckConfig,
+    HookConfig,
     HostPort,
     LimitsConfig,
     PoolConfig,
     RollbackConfig,
+    RolloutConfig,
     RoutingConfig,
     ServiceConfig,
     SmokeProbe,
@@ -231,6 +234,13 @@ def _str(value: object) -> str:
     if isinstance(value, str):
         return value
     raise ValueError(f"expected a string, got {_show(value)}")
+
+
+def _switch(value: object) -> str:
+    """``on``/``off``/``auto``; YAML 1.1 reads a bare on/off as a boolean, so both work."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _str(value)
 
 
 def _optional(convert: Callable[[object], T]) -> Callable[[object], T | None]:
@@ -447,6 +457,55 @@ def _gates(errors: list[str], path: str, data: object, base: Any = None) -> Gate
     return s.build(GatesConfig)
 
 
+def _weights(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of weights like [10, 25, 50, 100], got {_show(value)}")
+    return tuple(_int(w) for w in value)
+
+
+_rollout = _flat(
+    RolloutConfig, {"steps": _weights, "step_interval": parse_duration, "auto_promote": _bool}
+)
+_HOOK_KEYS = ("on", "url", "timeout", "format", "name")
+
+
+def _hook(errors: list[str], path: str, data: object) -> HookConfig | None:
+    if isinstance(data, dict) and True in data:
+        # YAML 1.1 reads a bare ``on`` as the boolean true: take it as the key it means.
+        data = {("on" if k is True else k): v for k, v in data.items()}
+    if not isinstance(data, dict):
+        hint = "expected a mapping like {on: [switch], url: ...}"
+        errors.append(f"{path}: {hint}, got {_show(data)}")
+        return None
+    s = _Section(errors, path, data, _HOOK_KEYS)
+    for key in ("on", "url"):
+        if key not in s.values:
+            s.fail(s.key_path(key), "required")
+    on = s.values.get("on")
+    if isinstance(on, str):
+        s.values["on"] = [on]
+    items = s.take_list("on", _str)
+    if items is not None:
+        s.kwargs["on"] = tuple(items)
+    s.take("url", _str)
+    s.take("timeout", parse_duration)
+    s.take("format", _str)
+    s.take("name", _str)
+    # Built even after a bad key (to report the rest), but only with both required keys.
+    return s.build(HookConfig) if "on" in s.kwargs and "url" in s.kwargs else None
+
+
+def _hooks(errors: list[str], path: str, data: object, base: Any = None) -> object | None:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        errors.append(f"{path}: expected a list of hooks, got {_show(data)}")
+        return None
+    hooks = [_hook(errors, f"{path}[{i}]", item) for i, item in enumerate(data)]
+    good = [h for h in hooks if h is not None]
+    return tuple(good) if len(good) == len(hooks) else None
+
+
 # In SPEC order, so errors come out in the order a reader meets the keys.
 _SECTIONS: tuple[tuple[str, _Builder], ...] = (
     ("admin", _flat(AdminConfig, {"listen": parse_host_port, "token_env": _optional(_str)})),
@@ -509,6 +568,8 @@ _SECTIONS: tuple[tuple[str, _Builder], ...] = (
         ),
     ),
     ("gates", _gates),
+    ("rollout", _rollout),
+    ("hooks", _hooks),
     (
         "state",
         _flat(
@@ -561,6 +622,29 @@ def _tls(errors: list[str], path: str, data: object, base: Any = None) -> TlsCon
 
 
 _SECTIONS += (("tls", _tls),)
+# Top-level only: one log stream and one trace export per process, whatever the service.
+_SECTIONS += (
+    (
+        "access_log",
+        _flat(
+            AccessLogConfig,
+            {
+                "destination": _optional(_str),
+                "format": _str,
+                "sample": _number,
+                "rejections_per_second": _int,
+            },
+        ),
+    ),
+    ("request_id", _flat(RequestIdConfig, {"header": _optional(_str), "mode": _switch})),
+    (
+        "tracing",
+        _flat(
+            TracingConfig,
+            {"otlp_endpoint": _optional(_str), "sample_ratio": _number, "service_name": _str},
+        ),
+    ),
+)
 _TOP_KEYS = (
     "listen", *(key for key, _ in _SECTIONS), "trusted_proxies", "proxy_protocol", "services",
     "default_service",

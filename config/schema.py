@@ -20,6 +20,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import ConfigError as ConfigError  # re-exported: its home before errors.py
+from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
+
 COLORS = ("blue", "green")
 STATE_BACKENDS = ("memory", "redis")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -31,17 +34,6 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z
 # A path goes verbatim into a request line: visible ASCII only, no spaces.
 _REQUEST_PATH = re.compile(r"/[!-~]*")
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
-
-
-class ConfigError(Exception):
-    """Every problem found in a config, each as "dotted.key.path: message"."""
-
-    errors: list[str]
-
-    def __init__(self, errors: str | Iterable[str]) -> None:
-        # A lone string is one error, not an iterable of characters.
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        Exception.__init__(self, "\n".join(self.errors))
 
 
 class _Problems:
@@ -313,6 +305,55 @@ class GatesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    steps: tuple[int, ...] = (10, 25, 50, 100)  # the new color's weight at each step
+    step_interval: float = 60.0
+    auto_promote: bool = True
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        steps = self.steps
+        p.check(len(steps) > 0, "steps", "must list at least one weight")
+        for i, w in enumerate(steps):
+            p.check(1 <= w <= 100, f"steps[{i}]", f"must be a weight from 1 to 100, got {w}")
+        for i in range(1, len(steps)):
+            p.check(steps[i] > steps[i - 1], f"steps[{i}]", "must be greater than the step before")
+        p.check(not steps or steps[-1] == 100, "steps", "the last step must be 100")
+        p.positive("step_interval", self.step_interval)
+        p.raise_if_any()
+
+
+# When a hook is called: ``pre_switch`` is a gate, the others are notifications.
+HOOK_EVENTS = ("pre_switch", "switch", "weights", "rollout_step", "promote", "abort", "rollback")
+HOOK_FORMATS = ("json", "slack")
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    on: tuple[str, ...]
+    url: str
+    timeout: float = 5.0
+    format: str = "json"  # json: the event itself; slack: {"text": ...} for chat webhooks
+    name: str = ""  # the metric label; default: the URL's host (never its path: tokens)
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(len(self.on) > 0, "on", f"must name at least one of {', '.join(HOOK_EVENTS)}")
+        for i, what in enumerate(self.on):
+            p.check(what in HOOK_EVENTS, f"on[{i}]", f"expected one of {', '.join(HOOK_EVENTS)}")
+        scheme, sep, rest = self.url.partition("://")
+        ok = bool(sep) and scheme in ("http", "https") and bool(rest.split("/")[0])
+        p.check(ok, "url", f"expected an http:// or https:// URL, got {self.url!r}")
+        p.positive("timeout", self.timeout)
+        ok = self.format in HOOK_FORMATS
+        p.check(ok, "format", f"must be 'json' or 'slack', got {self.format!r}")
+        p.raise_if_any()
+        if not self.name:
+            host = rest.split("/")[0].rpartition("@")[2]
+            object.__setattr__(self, "name", host)
+
+
+@dataclass(frozen=True, slots=True)
 class StateConfig:
     backend: str = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -428,8 +469,10 @@ class TlsConfig:
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT_SERVICE = "default"  # the name of the one service of the top-level upstreams form
 # Sections a service may override key by key (SPEC "Services").
+# ``hooks`` is a list: a service's replaces the top-level one whole.
 SERVICE_SECTIONS = (
     "health_check", "routing", "timeouts", "drain", "websocket", "rollback", "gates",
+    "rollout", "hooks",
 )  # fmt: skip
 
 
@@ -466,6 +509,8 @@ class ServiceConfig:
     websocket: WebSocketConfig = WebSocketConfig()
     rollback: RollbackConfig = RollbackConfig()
     gates: GatesConfig = GatesConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    hooks: tuple[HookConfig, ...] = ()
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -499,6 +544,8 @@ class Config:
     websocket: WebSocketConfig = WebSocketConfig()
     rollback: RollbackConfig = RollbackConfig()
     gates: GatesConfig = GatesConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    hooks: tuple[HookConfig, ...] = ()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
     # Peers (e.g. a load balancer in front) whose incoming X-Forwarded-For is trusted.
@@ -508,6 +555,9 @@ class Config:
     tls: TlsConfig = TlsConfig()
     # The plain and TLS listeners expect a PROXY protocol header, from trusted_proxies only.
     proxy_protocol: bool = False
+    access_log: AccessLogConfig = AccessLogConfig()
+    request_id: RequestIdConfig = RequestIdConfig()
+    tracing: TracingConfig = TracingConfig()
 
     def __post_init__(self) -> None:
         p = _Problems()

@@ -148,6 +148,9 @@ class CertStore:
         return index.default
 
     def _sni(self, sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        # A server-side SSLObject does not keep the name the client asked for; the
+        # connection reads it from here for its access-log lines.
+        sslobj.bg_server_name = server_name  # type: ignore[attr-defined]
         if server_name and self._challenges:
             challenge = self._challenges.get(server_name.rstrip(".").lower())
             if challenge is not None:

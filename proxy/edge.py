@@ -99,12 +99,12 @@ def _intercept(conn: Exchange, host: bytes | None, url: bytes) -> None:
 class EdgeConnection(ClientConnection):
     """A client connection on a listener with edge features (see the module doc)."""
 
-    __slots__ = ("_client", "_edge", "_tls")
+    __slots__ = ("_edge", "_proxied", "_tls")
 
     def __init__(self, edge: Edge, client: str | None, tls: bool, server: ProxyServer) -> None:
         super().__init__(server)
         self._edge = edge
-        self._client = client
+        self._proxied = client  # the PROXY header's client, if any
         self._tls = tls
         if tls:
             self.proto_line = HTTPS_PROTO
@@ -113,7 +113,12 @@ class EdgeConnection(ClientConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        client = self._client
+        if self._tls:  # asyncio calls this once the handshake is done
+            sslobj = transport.get_extra_info("ssl_object")
+            if sslobj is not None:
+                self._tls_version = sslobj.version()
+                self._sni = getattr(sslobj, "bg_server_name", None)
+        client = self._proxied
         if client is not None:  # from the PROXY header: X-Forwarded-For and stickiness use it
             self.peer = client
             self._xff_line = b"X-Forwarded-For: %s\r\n" % client.encode()

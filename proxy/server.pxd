@@ -22,5 +22,6 @@ cdef class ProxyServer:
     cdef public dict services
     cdef public object table
     cdef public object edge
+    cdef public object observer
 
     cpdef note_bad_request(self, int status)

@@ -80,6 +80,8 @@ class ProxyServer:
         self._bad_requests: Counter[int] = Counter()
         self._bad_logged_at = 0.0
         self.services: dict[str, Service] = {}
+        # Access log, request IDs, tracing (proxy/observability.py): None while all are off.
+        self.observer: Any = None
         self.table = ServiceTable((), None)
         # The edge features (proxy/edge.py: TLS, PROXY protocol, redirect), when configured;
         # set by the composition root, read by the admin API and an ACME component.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 import time
@@ -107,6 +108,32 @@ async def test_https_request_is_proxied_with_https_scheme_and_hsts(
     assert status == 200
     assert upstream_headers(body)["x-forwarded-proto"] == "http"
     assert "Strict-Transport-Security" not in headers
+
+
+async def test_access_log_names_the_tls_version_and_server_name(
+    upstreams: dict[str, Upstream], start_proxy: StartProxy, ca: TestCA, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "access.log"
+    cfg = config_dict(
+        [upstreams["blue"].url], [upstreams["green"].url],
+        tls=tls_section(ca.issue("shop.example.com")),
+        access_log={"destination": str(log_path)},
+    )  # fmt: skip
+    proxy = await start_proxy(cfg)
+    async with tls_connection(proxy, ca, "shop.example.com") as (reader, writer):
+        version = writer.get_extra_info("ssl_object").version()
+        assert (await get(writer, reader, "shop.example.com", "/tls")).status == 200
+    assert (await proxy.get("/plain"))[0] == 200
+    observer = proxy.run.observer
+    assert observer is not None and observer.access is not None
+    observer.access.flush()
+    logged = {
+        line["target"]: line
+        for line in map(json.loads, log_path.read_bytes().splitlines())
+        if "target" in line
+    }
+    assert (logged["/tls"]["tls"], logged["/tls"]["sni"]) == (version, "shop.example.com")
+    assert (logged["/plain"]["tls"], logged["/plain"]["sni"]) == (None, None)
 
 
 async def test_certificate_is_chosen_by_sni(
