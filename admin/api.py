@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from admin.dashboard import DASHBOARD_PATHS, add_dashboard
 from admin.fleet import Fleet, Identity, default_fleet
 from admin.gates import GateFailed
+from config.tls import CertProblem, inspect_pair
 from proxy import _hotpath
 from proxy.server import ProxyServer
 from proxy.service import Service
@@ -43,6 +44,8 @@ from proxy.state import (
 
 if TYPE_CHECKING:
     from admin.gates import Gates
+    from admin.hooks import Hooks
+    from proxy.observability import Observer
 
 log = logging.getLogger("bgproxy.admin")
 
@@ -84,6 +87,14 @@ class Watch(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+class Driver(Protocol):
+    """The rollout driver as the API and metrics read it (``admin.rollout``)."""
+
+    auto_aborts: int
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class ServiceControl:
     """What the admin API acts on for one service: its data-plane state, its store, its
     gates and rollback watch."""
@@ -95,17 +106,30 @@ class ServiceControl:
         # Set by the runner once started; None (tests, early start) means "not running".
         self.gates: Gates | None = None
         self.rollback: Watch | None = None
+        self.rollout: Driver | None = None
+        self.hooks: Hooks | None = None
         self.switches: Counter[str] = Counter()  # accepted changes by trigger, for metrics
         self.identity = identity
         # Who else serves this state (Redis fleet, workers); replaced by a supervisor.
         self.fleet: Fleet = default_fleet(self.store, lambda: [self.instance()])
         self.propagation_timeout = 3.0  # how long a write waits for every instance to apply it
 
-    async def check_gates(self, colors: Iterable[Color]) -> None:
-        """Run the pre-switch gates for each color about to get traffic; GateFailed if not."""
-        if self.gates is not None:
-            for color in colors:
+    async def check_gates(
+        self, colors: Iterable[Color], action: str = "switch", reason: str | None = None
+    ) -> None:
+        """Run the pre-switch gates, then the ``pre_switch`` hooks, for each color about to
+        get traffic; GateFailed if not."""
+        for color in colors:
+            if self.gates is not None:
                 await self.gates.check(color)
+            if self.hooks is not None:
+                await self.hooks.check(color.value, action, reason)
+
+    def rollout_status(self) -> dict[str, Any]:
+        if self.rollout is not None:
+            return self.rollout.status()
+        return {"state": "idle", "color": None, "steps": [], "step": None, "weight": None,
+                "started_at": None, "next_at": None, "last": None}  # fmt: skip
 
     def rollback_status(self) -> dict[str, Any]:
         if self.rollback is not None:
@@ -127,6 +151,7 @@ class ServiceControl:
             "traffic": service.traffic.status(service.loop.time()),
             "drain": service.drain.drain.to_dict(),
             "rollback": self.rollback_status(),
+            "rollout": self.rollout_status(),
         }
 
     def status(self) -> dict[str, Any]:
@@ -142,6 +167,7 @@ class ServiceControl:
             "colors": service.colors_status(),
             "drain": service.drain.drain.to_dict(),
             "rollback": self.rollback_status(),
+            "rollout": self.rollout_status(),
             "traffic": service.traffic.status(service.loop.time()),
             "instances": self.fleet.instances(),
             "store": self.fleet.store_status(),
@@ -191,6 +217,11 @@ class ServiceControl:
         if new is None:
             return None
         new = dataclasses.replace(new, reason=reason or action)
+        details = {"service": self.name, **(details or {})}
+        if current.rollout is not None and current.rollout.running and new.rollout is not None:
+            if new.rollout.state == "cancelled":  # an operator's change took the wheel
+                details["rollout_cancelled"] = True
+                details["rollout"] = "cancelled"
         event = Event(
             at=new.changed_at,
             generation=new.generation,
@@ -200,10 +231,14 @@ class ServiceControl:
             trigger=trigger,
             reason=reason,
             actor=actor,
-            details={"service": self.name, **(details or {})},
+            details=details,
         )
         applied = await self.store.compare_and_set(current.generation, new, event)
         self.switches[trigger] += 1
+        if details.get("rollout_cancelled"):
+            log.info("%s: %s cancelled the rollout", self.name, action)
+        if self.hooks is not None:
+            self.hooks.notify(event)  # queued: delivery never holds up the change
         return applied
 
 
@@ -216,7 +251,13 @@ class ControlPlane:
         self.ready = False
         self.acme: Any = None  # proxy.acme.AcmeManager while tls.acme runs here
         self.identity = Identity.for_process()
+        # The access log and tracing (set by the runner); lines dropped by the workers'
+        # logs, summed from their reports (--workers).
+        self.observer: Observer | None = None
+        self.workers_log_dropped = 0
         self.services: dict[str, ServiceControl] = {}
+        # With --workers, the supervisor's sum of its workers' TLS handshakes.
+        self.tls_handshakes: dict[str, int] | None = None
         self.sync_services()
 
     def sync_services(self) -> list[ServiceControl]:
@@ -252,6 +293,31 @@ class ControlPlane:
             "several services and no default_service: name one with /services/{name}/... "
             f"(services: {', '.join(self.services)})",
         )
+
+    def tls_status(self) -> dict[str, Any] | None:
+        """``/status`` ``tls``: the certificates served, and this process's handshakes.
+        A supervisor (``--workers``) serves none itself: it reads the files."""
+        edge = self.server.edge
+        if edge is not None:
+            status: dict[str, Any] = edge.status()
+            return status
+        tls = self.server.config.tls
+        if tls.listen is None:
+            return None
+        certificates = []
+        for cfg in tls.certificates:
+            try:
+                info = inspect_pair(cfg)
+            except CertProblem:
+                continue
+            certificates.append(
+                {"names": list(info.names), "not_after": info.not_after.isoformat(),
+                 "source": "file", "file": cfg.cert}
+            )  # fmt: skip
+        handshakes = None
+        if self.tls_handshakes is not None:
+            handshakes = {r: self.tls_handshakes.get(r, 0) for r in ("ok", "failed", "timeout")}
+        return {"listen": str(tls.listen), "certificates": certificates, "handshakes": handshakes}
 
     @property
     def only(self) -> ServiceControl:
@@ -432,9 +498,9 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
     async def status(request: web.Request) -> web.Response:
         control = scoped(request)
         await control.fleet.refresh()  # other instances' records as they are now (bounded)
-        body = control.status()
-        if cp.acme is not None:
-            body.setdefault("tls", {})["acme"] = cp.acme.status()
+        body = {**control.status(), "tls": cp.tls_status()}
+        if cp.acme is not None and body["tls"] is not None:
+            body["tls"]["acme"] = cp.acme.status()
         return web.json_response(body)
 
     async def services(request: web.Request) -> web.Response:
@@ -474,7 +540,8 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
             raise ApiError(400, "bad_color", '\'color\' must be "blue" or "green"')
         force = _opt_force(data)
         if not force and switch_to(control.store.snapshot(), color, 0.0) is not None:
-            await control.check_gates([color])  # a no-op switch runs none
+            # A no-op switch runs none.
+            await control.check_gates([color], "switch", _opt_str(data, "reason"))
         build = lambda s: switch_to(s, color, time.time())  # noqa: E731
         return await commit(control, data, "switch", build, force)
 
@@ -492,9 +559,9 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         if not force:
             # Gates only for a color this change gives traffic it did not have.
             had = control.store.snapshot().weights
-            await control.check_gates(
-                c for c, w in ((Color.BLUE, blue), (Color.GREEN, green)) if w > 0 and not had.of(c)
-            )
+            asked = ((Color.BLUE, blue), (Color.GREEN, green))
+            gaining = [c for c, w in asked if w and not had.of(c)]
+            await control.check_gates(gaining, "weights", _opt_str(data, "reason"))
         build = lambda s: set_weights(s, blue, green, time.time())  # noqa: E731
         return await commit(control, data, "weights", build, force)
 

@@ -27,7 +27,9 @@ from admin.cli_output import (
     interval_line,
     rollback_line,
 )
+from admin.cli_rollout import follow_rollout, steps_arg
 from config import ConfigError, load_config
+from config.tls import warnings as tls_warnings
 
 DEFAULT_ADMIN = "http://127.0.0.1:9901"
 
@@ -71,6 +73,21 @@ def _limit(text: str) -> int:
     if not 1 <= value <= 1000:
         raise argparse.ArgumentTypeError("must be between 1 and 1000")
     return value
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return steps_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_ROLLOUT_VERBS = {
+    "promote": "send all traffic to the running rollout's color now",
+    "abort": "stop the running rollout: the stable color gets all traffic back",
+    "pause": "hold the running rollout at its step (still watched)",
+    "resume": "let a paused rollout move on",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="roll back even right after an automatic rollback (back to the color that failed)",
     )
     _common(p, suppress=True)
+    p = sub.add_parser("rollout", help="move traffic to a color in steps, watching each one")
+    p.add_argument("color", choices=["blue", "green"])
+    p.add_argument("--steps", type=_steps, help="the new color's weights, e.g. 10,25,50,100")
+    p.add_argument("--interval", help="time at each step, e.g. 30s (default: rollout config)")
+    p.add_argument("--reason")
+    p.add_argument("--force", action="store_true", help="skip pre-switch gates and hooks")
+    p.add_argument(
+        "--wait", action="store_true", help="follow it: exit 0 when promoted, 1 when aborted"
+    )
+    _common(p, suppress=True)
+    for verb, text in _ROLLOUT_VERBS.items():
+        p = sub.add_parser(verb, help=text)
+        if verb in ("promote", "abort"):
+            p.add_argument("--reason")
+        _common(p, suppress=True)
     p = sub.add_parser("events", help="show the audit trail")
     p.add_argument("--limit", type=_limit, default=20, metavar="N", help="newest N (1-1000)")
     _common(p, suppress=True)
@@ -158,10 +190,12 @@ def _run(args: argparse.Namespace) -> int:
         return code
     if cmd == "check":
         try:
-            load_config(args.config)
+            config = load_config(args.config)
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             return 2
+        for warning in tls_warnings(config.tls):  # a certificate expiring within 14 days
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.config}: ok")
         return 0
     if cmd == "demo":
@@ -352,6 +386,16 @@ def _operator(args: argparse.Namespace) -> int:
         elif cmd == "rollback":
             _guard_rollback(args, before)
             body, path = {}, "/rollback"
+        elif cmd == "rollout":
+            body, path = {"color": args.color}, "/rollout"
+            if args.steps:
+                body["steps"] = args.steps
+            if args.interval:
+                body["step_interval"] = args.interval
+            if args.force:
+                body["force"] = True
+        elif cmd in _ROLLOUT_VERBS:
+            body, path = {}, f"/rollout/{cmd}"
         else:  # pragma: no cover - argparse rejects unknown commands
             raise CliError(f"unknown command {cmd}", 2)
         if getattr(args, "reason", None):
@@ -359,6 +403,19 @@ def _operator(args: argparse.Namespace) -> int:
         payload = _checked(args, "POST", _scoped(args, path), body)
         if not args.json:
             print(_summary(before, payload))
+        if cmd == "rollout" and args.wait:
+            progress = Progress(enabled=not args.json)
+            try:
+                return follow_rollout(
+                    lambda: _checked(args, "GET", _scoped(args, "/status")),
+                    progress,
+                    payload,
+                    args.json,
+                    _POLL_INTERVAL,
+                )
+            except KeyboardInterrupt:
+                print("\nstopped waiting; the rollout goes on (bgproxy status)")
+                return 130
         if cmd == "switch" and args.wait:
             try:
                 return follow_switch(args, args.color, payload)

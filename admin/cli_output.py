@@ -156,6 +156,32 @@ def rollback_line(rb: dict[str, Any], now: float) -> str:
     return state
 
 
+def step_line(ro: dict[str, Any], now: float) -> str:
+    """Where a running rollout is: step, weight, time left or why it is held, figures."""
+    steps = ro.get("steps") or []
+    head = f"step {ro.get('step')}/{len(steps)}  {ro.get('color')} {ro.get('weight')}%"
+    state = ro.get("state")
+    if state == "paused":
+        return f"{head}  paused (bgproxy resume)"
+    if state == "waiting_promotion":
+        return f"{head}  waiting for promotion (bgproxy promote | bgproxy abort)"
+    if ro.get("held"):
+        when = f"; {ro['held']}"
+    else:
+        nxt = to_epoch(ro.get("next_at"))
+        when = f"; next step in {span(max(0.0, nxt - now))}" if nxt is not None else ""
+    return f"{head}{when}  {interval_line(ro.get('last'))}"
+
+
+def rollout_line(ro: dict[str, Any], now: float) -> str:
+    state = ro.get("state") or "idle"
+    if state == "idle":
+        return "none"
+    if state in ("promoted", "aborted", "cancelled"):
+        return f"{ro.get('color')} {state} {when(ro.get('ended_at'), now)}"
+    return step_line(ro, now)
+
+
 def format_status(s: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     w = s.get("weights") or {}
@@ -204,6 +230,7 @@ def format_status(s: dict[str, Any], now: float | None = None) -> str:
     lines.append("")
     lines.append(f"drain       {drain_line(s.get('drain') or {}, colors, now)}")
     lines.append(f"rollback    {rollback_line(s.get('rollback') or {}, now)}")
+    lines.append(f"rollout     {rollout_line(s.get('rollout') or {}, now)}")
     store = s.get("store")
     if isinstance(store, dict):
         where = f" {store['url']}" if store.get("url") else ""
@@ -305,6 +332,12 @@ def service_notes(svc: dict[str, Any]) -> str:
     drain = svc.get("drain") or {}
     if drain.get("state") == "draining":
         notes.append(f"draining {drain.get('color') or '-'}")
+    ro = svc.get("rollout") or {}
+    if ro.get("state") in ("progressing", "paused", "waiting_promotion"):
+        paused = "" if ro["state"] == "progressing" else f" ({ro['state'].replace('_', ' ')})"
+        notes.append(f"rolling out {ro.get('color')} {ro.get('weight')}%{paused}")
+    elif ro.get("state") == "aborted":
+        notes.append(f"ROLLOUT ABORTED {ro.get('color')}")
     rb = svc.get("rollback") or {}
     if rb.get("state") == "watching":
         notes.append(f"watching {rb.get('color') or '-'}")

@@ -3,8 +3,9 @@ blue and a green sample app, and the proxy, in one process; nothing else needed.
 
 ``shop`` is the default service, so a plain ``curl http://127.0.0.1:8080/`` reaches it.
 A green app can be told to fail or to be slow (``POST /_demo/chaos?fail_rate=0.5&delay=0.3``
-on its port) to watch the automatic rollback; a light built-in load keeps the numbers
-of both services moving.
+on its port) to watch the automatic rollback, or a rollout's abort; a light built-in load
+of cookie-less clients keeps the numbers of both services moving and lets a rollout
+(``bgproxy rollout green --wait``) visibly step.
 """
 
 from __future__ import annotations
@@ -109,13 +110,17 @@ def demo_config(port: int, admin_port: int, apps: dict[str, tuple[int, int]]) ->
         "health_check": {"interval": "1s", "timeout": "500ms"},
         "websocket": {"reconnect_window": ["1s", "5s"]},
         "rollback": {"window": "2m", "interval": "5s", "min_requests": 10},
+        # Short steps, so a rollout steps (or aborts) while you watch.
+        "rollout": {"steps": [10, 25, 50, 100], "step_interval": "15s"},
+        # One JSON line per request, and the switches between them: what a demo is for.
+        "access_log": {"destination": "stdout"},
     }
 
 
 async def _load(url: str, hosts: tuple[str, ...], rate: float, stop: asyncio.Event) -> None:
     """Background traffic to every service, so the dashboard and the rollback watch have
-    numbers."""
-    async with aiohttp.ClientSession() as session:
+    numbers. No cookie jar: every request is a new client, so a split shows as a split."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
         while not stop.is_set():
             for host in hosts:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -160,6 +165,7 @@ def banner(proxy_url: str, admin_url: str, port: int, apps: dict[str, tuple[int,
             f"  {name + ' green':<11}http://127.0.0.1:{green}/",
         ]
     api_green = apps["api"][1]
+    shop_green = apps["shop"][1]
     tries = [
         (f"curl -H 'Host: shop.localhost' {proxy_url}/", "shop, picked by the Host header"),
         (f"curl -H 'Host: api.localhost' {proxy_url}/", "api (browsers resolve *.localhost:"),
@@ -174,6 +180,12 @@ def banner(proxy_url: str, admin_url: str, port: int, apps: dict[str, tuple[int,
             "api's green fails: switch api to it, watch the rollback",
         ),
         (f"{admin} status --service api", ""),
+        (f"{admin} rollout green --wait", "shop moves 10→25→50→100%, each step watched"),
+        (
+            f"curl -X POST 'http://127.0.0.1:{shop_green}/_demo/chaos?fail_rate=0.3'",
+            "then roll shop out again (switch blue first):",
+        ),
+        (f"{admin} rollout green --wait", "the watch aborts it, exit 1"),
     ]
     width = max(len(cmd) for cmd, _ in tries) + 3
     lines += ["", "Try:"]
@@ -217,7 +229,7 @@ async def run_demo(
     return 0
 
 
-def main_demo(port: int, admin_port: int, app_ports: str, rate: float = 5.0) -> int:
+def main_demo(port: int, admin_port: int, app_ports: str, rate: float = 10.0) -> int:
     try:
         apps = parse_app_ports(app_ports)
     except ValueError as exc:

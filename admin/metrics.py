@@ -9,6 +9,7 @@ error kind, trigger, and target URLs as configured.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,44 @@ class ProxyCollector:
                 if kept is not metric:
                     kept.samples.extend(metric.samples)
         yield from families.values()
+        yield from self._tls_metrics()
+
+    def _tls_metrics(self) -> Iterator[Metric]:
+        tls = self.control.tls_status()  # this process's, or a supervisor's sum of workers'
+        if tls is None:
+            return
+        handshakes = CounterMetricFamily(
+            "bgproxy_tls_handshakes_total",
+            "TLS handshakes on the HTTPS listener, by result (ok, failed, timeout).",
+            labels=["result"],
+        )
+        for result, count in (tls.get("handshakes") or {}).items():
+            handshakes.add_metric([result], count)
+        yield handshakes
+        expiry = GaugeMetricFamily(
+            "bgproxy_tls_certificate_expiry_timestamp_seconds",
+            "When each served certificate expires (Unix time), by name.",
+            labels=["name"],
+        )
+        seen: set[str] = set()
+        for cert in tls["certificates"]:  # the first certificate for a name is served
+            for name in cert["names"]:
+                if name not in seen:
+                    seen.add(name)
+                    when = dt.datetime.fromisoformat(cert["not_after"]).timestamp()
+                    expiry.add_metric([name], when)
+        yield expiry
+        yield self._log_metrics()
+
+    def _log_metrics(self) -> Metric:
+        observer = self.control.observer
+        dropped = CounterMetricFamily(
+            "bgproxy_access_log_dropped",
+            "Access-log lines dropped: the destination was unwritable or not keeping up.",
+        )
+        own = observer.dropped if observer is not None else 0
+        dropped.add_metric([], own + self.control.workers_log_dropped)
+        return dropped
 
     def _service_metrics(self, control: ServiceControl) -> Iterator[Metric]:
         server = control.service
@@ -138,6 +177,17 @@ class ProxyCollector:
             weight.add_metric([svc, color.value], state.weights.of(color))
         yield active
         yield weight
+        # The weights a running rollout has set (0 for both when none runs): a graph of the
+        # release's progress, apart from manual splits.
+        rollout = GaugeMetricFamily(
+            "bgproxy_rollout_weight",
+            "Weight of each color set by the running rollout; 0 when none runs.",
+            labels=["service", "color"],
+        )
+        running = state.rollout is not None and state.rollout.running
+        for color in COLORS:
+            rollout.add_metric([svc, color.value], state.weights.of(color) if running else 0)
+        yield rollout
         generation = GaugeMetricFamily(
             "bgproxy_state_generation",
             "Generation of the routing state this instance applies.",
@@ -157,11 +207,22 @@ class ProxyCollector:
         rollback = control.rollback
         auto = CounterMetricFamily(
             "bgproxy_auto_rollbacks_total",
-            "Rollbacks the rollback controller made.",
+            "Rollbacks the rollback controller made, and rollouts aborted by their watch.",
             labels=["service"],
         )
-        auto.add_metric([svc], rollback.auto_rollbacks if rollback is not None else 0)
+        n = rollback.auto_rollbacks if rollback is not None else 0
+        n += control.rollout.auto_aborts if control.rollout is not None else 0
+        auto.add_metric([svc], n)
         yield auto
+        hooks = CounterMetricFamily(
+            "bgproxy_hook_calls_total",
+            "Hook calls by hook name and result (ok, error, timeout, unreachable, dropped).",
+            labels=["service", "hook", "result"],
+        )
+        if control.hooks is not None:
+            for (name, result), count in sorted(control.hooks.calls.items()):
+                hooks.add_metric([svc, name, result], count)
+        yield hooks
         available = GaugeMetricFamily(
             "bgproxy_state_store_available",
             "1 when the state store accepts writes, else 0 (the proxy keeps serving).",

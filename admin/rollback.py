@@ -43,6 +43,8 @@ log = logging.getLogger("bgproxy.rollback")
 # The reason of every auto rollback starts with this; it travels with the snapshot, so
 # any instance can tell an auto rollback from an operator's change (and not watch it).
 AUTO_REASON = "auto rollback"
+# Events of a progressive rollout (admin.rollout drives them; this watch stands aside).
+ROLLOUT_ACTIONS = frozenset({"rollout_step", "rollout_pause", "rollout_resume", "promote", "abort"})
 
 
 # --- the decision (pure) ------------------------------------------------------------------
@@ -192,6 +194,14 @@ class RollbackController:
         self._react(old, new, action, trigger)
 
     def _react(self, old: RoutingState, new: RoutingState, action: str, trigger: str) -> None:
+        rollout = new.rollout
+        if rollout is not None and (rollout.running or action in ROLLOUT_ACTIONS):
+            # A rollout's steps are watched by its driver. Once promoted, the new color is
+            # watched for a window like any release; an abort has undone it already.
+            self._end_watch("idle")
+            if action == "promote" and self.server.config.rollback.enabled:
+                self._start_watch(rollout.color, new)
+            return
         if trigger == "auto":
             # A rollback by a controller (this one or another instance's): never re-promote.
             self._end_watch("rolled_back")
@@ -202,6 +212,10 @@ class RollbackController:
         # A rollback (manual too) returns to the previous state: not a release to watch.
         if not cfg.enabled or color is None or action == "rollback":
             return
+        self._start_watch(color, new)
+
+    def _start_watch(self, color: Color, new: RoutingState) -> None:
+        cfg = self.server.config.rollback
         now = time.time()
         watch = Watch(color, new.generation, now, now + cfg.window, Thresholds.from_config(cfg))
         watch.next_evaluation = now + cfg.interval

@@ -12,22 +12,29 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from admin.api import ControlPlane, ServiceControl, build_admin_app
 from admin.fleet import connect_store, open_store
 from admin.gates import Gates
+from admin.hooks import Hooks
 from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
+from admin.rollout import RolloutDriver
+from admin.rollout_api import add_rollout_routes
 from config import Config, ConfigError, ServiceConfig, load_config
+from config.tls import warnings as tls_warnings
+from proxy.edge import Edge, bind
 from proxy.health import HealthChecker
 from proxy.listener import ClientConnection
+from proxy.observability import Observer, build_observer
+from proxy.otel import OtelUnavailable
 from proxy.server import ProxyServer
-from proxy.state import StateStore, StoreUnavailable
+from proxy.state import Event, Listener, RoutingState, StateStore, StoreUnavailable
 
 if TYPE_CHECKING:  # ACME's imports (acme, requests, OpenSSL) load only when it is configured
     from proxy.acme import AcmeManager, Timing
@@ -79,10 +86,20 @@ class Running:
     watches: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     health: HealthChecker | None = None
     acme: AcmeManager | None = None
+    observer: Observer | None = None
+    logged: set[Any] = field(default_factory=set)  # services whose events are logged
 
     @property
     def proxy_address(self) -> tuple[str, int]:
         return self.server.addresses[0]
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        """The HTTPS listener's address (``tls.listen``)."""
+        edge = self.server.edge
+        assert edge is not None and edge.tls_listener is not None, "no TLS listener"
+        addr = edge.tls_listener.sock.getsockname()
+        return addr[0], addr[1]
 
     @property
     def admin_address(self) -> tuple[str, int]:
@@ -98,6 +115,7 @@ async def running(
     *,
     stores: dict[str, StateStore] | None = None,
     sock: socket.socket | None = None,
+    tls_sock: socket.socket | None = None,
     admin: bool = True,
     data_plane: bool = True,
     health_checks: bool = True,
@@ -120,10 +138,17 @@ async def running(
                 svc.name: await _open_store(store_stacks, config, svc) for svc in config.services
             }
         server = ProxyServer(config, stores)
+        # Closed after the server (the stack unwinds in reverse): the last requests' lines
+        # and spans still go out.
+        observer = _observer(config, data_plane)
+        stack.push_async_callback(observer.close)
+        server.observer = observer if observer.active else None
         control = ControlPlane(server, token)
+        control.observer = observer
         runner = None
         if admin:
             app = build_admin_app(control, config.limits.admin_max_body_bytes)
+            add_rollout_routes(app, control)
             add_metrics_route(app, build_registry(control))
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
@@ -142,18 +167,17 @@ async def running(
         except StoreUnavailable as exc:
             raise StartupError(f"state.redis_url: {exc}") from exc
         if data_plane:
-            try:
-                await server.start(ClientConnection, sock)
-            except OSError as exc:
-                raise StartupError(
-                    f"listen: cannot listen on {config.listen}: {exc.strerror}"
-                ) from exc
+            await _start_listeners(server, config, sock, tls_sock)
         # Health checks, gates and the rollback watch: closed first, in reverse, on exit.
         safety = contextlib.AsyncExitStack()
         checker = None
         if health_checks:
             checker = await safety.enter_async_context(HealthChecker(server))
-        run = Running(server, control, runner, admin, safety, store_stacks, health=checker)
+        run = Running(
+            server, control, runner, admin, safety, store_stacks, health=checker,
+            observer=observer,
+        )  # fmt: skip
+        log_events(run)
         safety.push_async_callback(_close_all, run.watches)
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
             for svc_control in control.services.values():
@@ -169,16 +193,98 @@ async def running(
             await safety.aclose()
 
 
+async def _start_listeners(
+    server: ProxyServer,
+    config: Config,
+    sock: socket.socket | None,
+    tls_sock: socket.socket | None,
+) -> None:
+    """The plain listener, and with ``tls.listen`` or ``proxy_protocol`` the edge's.
+    Without either, the plain one is uvloop's own server making ``ClientConnection``."""
+    if config.tls.listen is None and not config.proxy_protocol:
+        try:
+            await server.start(ClientConnection, sock)
+        except OSError as exc:
+            raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
+        return
+    edge = server.edge = Edge(server, config)
+    for line in tls_warnings(config.tls):
+        log.warning("%s", line)
+    if config.proxy_protocol:
+        try:
+            edge.listen(sock or bind(config.listen), tls=False)
+        except OSError as exc:
+            raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
+        await server.start(None)
+    else:
+        try:
+            await server.start(edge.plain_factory(), sock)
+        except OSError as exc:
+            raise StartupError(f"listen: cannot listen on {config.listen}: {exc.strerror}") from exc
+    if config.tls.listen is not None:
+        try:
+            edge.listen(tls_sock or bind(config.tls.listen), tls=True)
+        except OSError as exc:
+            raise StartupError(
+                f"tls.listen: cannot listen on {config.tls.listen}: {exc.strerror}"
+            ) from exc
+
+
+def _observer(config: Config, data_plane: bool) -> Observer:
+    try:
+        observer = build_observer(config, data_plane)
+    except OtelUnavailable as exc:
+        raise StartupError(f"tracing.otlp_endpoint: {exc}", code=2) from exc
+    access = observer.access
+    if access is not None and access.sink.error is not None:
+        raise StartupError(f"access_log.destination: {access.sink.error}")
+    return observer
+
+
+def log_events(run: Running) -> None:
+    """Control-plane events as log lines: every accepted change (switch, weights,
+    rollback, rollout step...) and drain end where the state is decided (this process
+    has the admin API), each handoff batch where the WebSockets are (it serves)."""
+    observer = run.observer
+    if observer is None:
+        return
+    # Only services still served: a removed one must be free to go (its store with it).
+    run.logged &= {control.service for control in run.control.services.values()}
+    for name, control in run.control.services.items():
+        service = control.service
+        if service in run.logged:
+            continue
+        run.logged.add(service)
+        note = _noter(observer, name)
+        if run.admin:
+            service.store.add_listener(_event_listener(note))
+            service.drain.on_done = note
+        if run.server.observer is not None or not run.admin:
+            service.drain.on_handoff = note
+
+
+def _event_listener(note: Callable[[dict[str, Any]], None]) -> Listener:
+    def listener(old: RoutingState, new: RoutingState, event: Event | None) -> None:
+        if event is not None:  # None: a re-read or re-seed, no change of anyone's making
+            note(event.to_dict())
+
+    return listener
+
+
+def _noter(observer: Observer, service: str) -> Callable[[dict[str, Any]], None]:
+    def note(fields: dict[str, Any]) -> None:
+        observer.event({"service": service, **fields})
+
+    return note
+
+
 def start_acme(
     server: ProxyServer, config: Config, timing: Timing | None = None
 ) -> AcmeManager:
-    """The ACME manager for ``tls.acme``, its storage chosen by ``state.backend``.
-
-    It installs into ``Http01Answers``, which also holds the HTTP-01 tokens the plain
-    listener answers; the TLS listener's certificate store (issue 16, proxy/certs.py)
-    takes its place once it is wired here: it has the same ``install``/``select``/
-    ``http01`` interface (``proxy.acme.CertificateStore``)."""
-    from proxy.acme import AcmeManager, Http01Answers
+    """The ACME manager for ``tls.acme``, its storage chosen by ``state.backend``. It
+    installs into the TLS listener's certificate store, whose ``http01`` tokens the plain
+    listener answers (``tls.acme`` needs ``tls.listen``, so the edge exists)."""
+    from proxy.acme import AcmeManager
     from proxy.acme_storage import AcmeStorage, FileStorage, RedisStorage
 
     acme = config.tls.acme
@@ -187,18 +293,31 @@ def start_acme(
         storage = RedisStorage(config.state.redis_url, config.state.key_prefix)
     else:
         storage = FileStorage(acme.storage)
-    answers = Http01Answers()
-    server.acme_http01 = answers
-    return AcmeManager(acme, config.acme_domains(), answers, storage, timing)
+    assert server.edge is not None
+    return AcmeManager(acme, config.acme_domains(), server.edge.certs, storage, timing)
 
 
 async def watch_service(run: Running, control: ServiceControl) -> None:
-    """Gates and the rollback watch of one service, closed with the process (or when a
-    reload removes the service)."""
+    """Gates, hooks, the rollback watch and the rollout driver of one service, closed with
+    the process (or when a reload removes the service). Only a process with the admin API
+    runs them: with ``--workers``, the supervisor drives and the workers follow."""
     stack = contextlib.AsyncExitStack()
     control.gates = await stack.enter_async_context(Gates(control.service))
+    service = control.service
+    control.hooks = await stack.enter_async_context(
+        Hooks(control.name, lambda: service.config.hooks)
+    )
     control.rollback = await stack.enter_async_context(RollbackController(control))
+    control.rollout = await stack.enter_async_context(RolloutDriver(control))
+    # Starting them awaits: a reload right behind this one may have removed the service
+    # meanwhile, or started it again. Keep only the current control's watch, never two.
+    if run.control.services.get(control.name) is not control:
+        await stack.aclose()
+        return
+    old = run.watches.pop(control.name, None)
     run.watches[control.name] = stack
+    if old is not None:
+        await old.aclose()
 
 
 async def _open_store(
@@ -227,6 +346,12 @@ def reload_config(run: Running, path: str) -> bool:
     except ConfigError as exc:
         log.error("reload rejected, keeping the running config:\n%s", exc)
         return False
+    if run.server.edge is not None:
+        run.server.edge.reload(config)  # certificates: a bad file keeps the ones in use
+    elif config.tls.listen is not None or config.proxy_protocol:
+        log.warning("tls.listen and proxy_protocol apply at the next start, not on reload")
+    for line in tls_warnings(config.tls):
+        log.warning("%s", line)
     added = {svc.name for svc in config.services} - set(run.server.services)
     if not added:
         run.server.apply_config(config)
@@ -254,6 +379,7 @@ async def _add_services(run: Running, config: Config, names: set[str]) -> None:
 async def _follow_services(run: Running) -> None:
     """After a reload: controls for new services, watches started and ended to match."""
     added = run.control.sync_services()
+    log_events(run)
     if run.admin:
         for control in added:
             await watch_service(run, control)

@@ -33,12 +33,16 @@ async def serve(config: Config, path: str | None) -> int:
         host, port = run.proxy_address
         ahost, aport = run.admin_address
         log.info("bgproxy listening on http://%s:%d (admin http://%s:%d)", host, port, ahost, aport)
+        if run.server.edge is not None and run.server.edge.tls_listener is not None:
+            log.info("bgproxy listening on https://%s:%d", *run.tls_address)
         log.info("hot path: %s", _hotpath.describe())
         settle_heap()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         if path is not None:
             loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
+        if run.observer is not None:  # logrotate's postrotate, as for nginx
+            loop.add_signal_handler(signal.SIGUSR1, run.observer.reopen)
         await stop.wait()
         log.info("shutting down")
         await graceful_stop(run, run.server.config.drain.timeout)

@@ -47,8 +47,9 @@ log = logging.getLogger("bgproxy.workers")
 # -- the supervisor side -------------------------------------------------------------------
 
 
-def listen_sockets(listen: HostPort, n: int) -> list[socket.socket]:
-    """``n`` listening sockets on one address with SO_REUSEPORT (port 0: the first one's)."""
+def listen_sockets(listen: HostPort, n: int, key: str = "listen") -> list[socket.socket]:
+    """``n`` listening sockets on one address with SO_REUSEPORT (port 0: the first one's);
+    ``key`` names the config key in an error."""
     socks: list[socket.socket] = []
     port = listen.port
     try:
@@ -67,7 +68,7 @@ def listen_sockets(listen: HostPort, n: int) -> list[socket.socket]:
     except OSError as exc:
         for sock in socks:
             sock.close()
-        raise StartupError(f"listen: cannot listen on {listen}: {exc.strerror}") from exc
+        raise StartupError(f"{key}: cannot listen on {listen}: {exc.strerror}") from exc
     return socks
 
 
@@ -93,12 +94,17 @@ class Slot:
         self.services = {name: SlotService() for name in services}
         self.last_seen = 0.0
         self.ready = False  # reported at least once since it was started
+        self.tls_sock: socket.socket | None = None  # its share of tls.listen, if any
+        self.tls_seen: dict[str, int] = {}  # its TLS handshake counts, last report
+        self.log_dropped = 0  # access-log lines the running process reported dropped
 
     def reset(self) -> None:
         self.proc = self.writer = None
         self.ready = False
+        self.log_dropped = 0
         # A new process counts from zero.
         self.services = {name: SlotService() for name in self.services}
+        self.tls_seen = {}
 
 
 class WorkerPool:
@@ -111,6 +117,7 @@ class WorkerPool:
         socks: list[socket.socket],
         identity: Identity,
         on_ack: Callable[[], None] = lambda: None,
+        tls_socks: list[socket.socket] | None = None,
     ) -> None:
         self.run = run
         self.controls = dict(run.control.services)
@@ -119,10 +126,15 @@ class WorkerPool:
         self.on_ack = on_ack
         names = list(self.controls)
         self.slots = [Slot(i, s, f"{identity.id}/w{i}", names) for i, s in enumerate(socks)]
+        for slot, tls_sock in zip(self.slots, tls_socks or (), strict=False):
+            slot.tls_sock = tls_sock
         self.stopping = False
         self.started = False  # every worker has served once: from now on, deaths restart
         self._acked = asyncio.Event()
         self._failed: str | None = None
+        # The workers' TLS handshakes, summed across restarts: what /metrics reports.
+        self.tls_handshakes: dict[str, int] = {}
+        run.control.tls_handshakes = self.tls_handshakes
         self._tasks = Tasks()
 
     async def __aenter__(self) -> WorkerPool:
@@ -262,7 +274,11 @@ class WorkerPool:
 
     async def _run_once(self, slot: Slot) -> int | None:
         parent, child = socket.socketpair()
-        fds = (slot.sock.fileno(), child.fileno())
+        fds: tuple[int, ...] = (slot.sock.fileno(), child.fileno())
+        tls_args: tuple[str, ...] = ()
+        if slot.tls_sock is not None:
+            fds += (slot.tls_sock.fileno(),)
+            tls_args = ("--tls-listen-fd", str(fds[2]))
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -276,6 +292,7 @@ class WorkerPool:
                 str(fds[1]),
                 "--index",
                 str(slot.index),
+                *tls_args,
                 pass_fds=fds,
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -315,6 +332,14 @@ class WorkerPool:
                 seen.in_flight.update(report["in_flight"])
                 seen.websockets.update(report["websockets"])
                 self._merge_stats(name, seen, report.get("stats"))
+            for result, count in (msg.get("tls") or {}).items():
+                delta = int(count) - slot.tls_seen.get(result, 0)
+                slot.tls_seen[result] = int(count)
+                self.tls_handshakes[result] = self.tls_handshakes.get(result, 0) + max(0, delta)
+            dropped = int(msg.get("log_dropped", 0))
+            if dropped > slot.log_dropped:  # cumulative per worker process
+                self.run.control.workers_log_dropped += dropped - slot.log_dropped
+            slot.log_dropped = dropped
             slot.last_seen = time.time()
             slot.ready = True
             self._update_totals()
@@ -438,13 +463,21 @@ def _chain(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], 
 
 async def supervise(config: Config, path: str, workers: int) -> int:
     socks = listen_sockets(config.listen, workers)
+    tls_socks: list[socket.socket] = []
+    if config.tls.listen is not None:
+        try:
+            tls_socks = listen_sockets(config.tls.listen, workers, "tls.listen")
+        except StartupError:
+            for sock in socks:
+                sock.close()
+            raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     try:
         async with running(config, data_plane=False) as run:
             control = run.control
             control.ready = False  # until every worker serves
-            pool = WorkerPool(run, path, socks, control.identity)
+            pool = WorkerPool(run, path, socks, control.identity, tls_socks=tls_socks)
             async with pool:
                 for name, svc_control in control.services.items():
                     svc_control.fleet = WorkerFleet(pool, svc_control.fleet, name)
@@ -459,17 +492,28 @@ async def supervise(config: Config, path: str, workers: int) -> int:
                     ahost,
                     aport,
                 )
+                if tls_socks:
+                    thost, tport = tls_socks[0].getsockname()[:2]
+                    log.info("bgproxy listening on https://%s:%d", thost, tport)
                 loop.add_signal_handler(signal.SIGTERM, stop.set)
                 loop.add_signal_handler(signal.SIGINT, stop.set)
                 loop.add_signal_handler(signal.SIGHUP, _reload, run, path, pool)
+                loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, run, pool)
                 await stop.wait()
                 log.info("shutting down %d workers", workers)
                 control.ready = False
                 await pool.shutdown(run.server.config.drain.timeout)
     finally:
-        for sock in socks:
+        for sock in socks + tls_socks:
             sock.close()
     return 0
+
+
+def _reopen_logs(run: Running, pool: WorkerPool) -> None:
+    # logrotate signals the process it knows (this one): every worker reopens its own.
+    if run.observer is not None:
+        run.observer.reopen()
+    pool.signal_all(signal.SIGUSR1)
 
 
 def _reload(run: Running, path: str, pool: WorkerPool) -> None:

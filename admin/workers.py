@@ -204,7 +204,11 @@ class Channel:
             for name, store in self.stores.items()
             if name in server.services
         }
-        self._writer.write(encode_line({"t": "report", "services": services}))
+        dropped = server.observer.dropped if server.observer is not None else 0
+        report: dict[str, Any] = {"t": "report", "services": services, "log_dropped": dropped}
+        if server.edge is not None:
+            report["tls"] = dict(server.edge.handshakes)  # cumulative, this process
+        self._writer.write(encode_line(report))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         self._tasks.spawn(coro, name)
@@ -259,8 +263,11 @@ class Channel:
         return reply
 
 
-async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) -> int:
+async def _worker(
+    config: Config, path: str, listen_fd: int, channel_fd: int, tls_fd: int | None = None
+) -> int:
     sock = socket.socket(fileno=listen_fd)
+    tls_sock = socket.socket(fileno=tls_fd) if tls_fd is not None else None
     chan = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_unix_connection(sock=chan, limit=CHANNEL_LIMIT)
     channel = Channel(reader, writer, [svc.name for svc in config.services])
@@ -269,12 +276,14 @@ async def _worker(config: Config, path: str, listen_fd: int, channel_fd: int) ->
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         stores: dict[str, StateStore] = dict(channel.stores)
-        async with running(config, stores=stores, sock=sock, admin=False) as run:
+        async with running(config, stores=stores, sock=sock, tls_sock=tls_sock, admin=False) as run:
             channel.start(run.server)
             settle_heap()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
+            if run.observer is not None:  # logrotate: the supervisor forwards SIGUSR1
+                loop.add_signal_handler(signal.SIGUSR1, run.observer.reopen)
             orphaned = loop.create_task(channel.closed.wait(), name="supervisor-gone")
             stopped = loop.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait({orphaned, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -292,6 +301,7 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--tls-listen-fd", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("BGPROXY_LOG_LEVEL", "INFO").upper(),
@@ -304,7 +314,9 @@ def worker_main(argv: list[str]) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     try:
-        return run_loop(_worker(config, args.config, args.listen_fd, args.channel_fd))
+        return run_loop(
+            _worker(config, args.config, args.listen_fd, args.channel_fd, args.tls_listen_fd)
+        )
     except StartupError as exc:
         print(f"bgproxy worker {args.index}: {exc}", file=sys.stderr)
         return exc.code

@@ -606,9 +606,12 @@ def make_nginx_proxy(
     workers: int = 1,
     websocket: bool = False,
     worker_connections: int = 16384,
+    access_log: bool = False,
+    name: str = "nginx",
 ) -> Server:
-    """nginx as a reverse proxy with pooled upstream keep-alive (and WebSocket relaying)."""
-    tmp = base / "nginx-proxy"
+    """nginx as a reverse proxy with pooled upstream keep-alive (and WebSocket relaying);
+    with ``access_log``, writing a JSON access log to a file as production edges do."""
+    tmp = base / f"{name}-proxy"
     tmp.mkdir(parents=True)
     port = free_port()
     upstream = f"""upstream backend {{
@@ -629,8 +632,20 @@ def make_nginx_proxy(
             proxy_send_timeout 3600s;"""
     else:
         conn_headers = 'proxy_set_header Connection "";'
+    logging = ""
+    if access_log:
+        # The fields bgproxy's json line has, escaped as JSON, buffered as nginx users do.
+        upstream += """
+    log_format bench_json escape=json '{"time":"$time_iso8601","client":"$remote_addr",'
+        '"method":"$request_method","target":"$request_uri","version":"$server_protocol",'
+        '"status":$status,"bytes_in":$request_length,"bytes_out":$bytes_sent,'
+        '"duration":$request_time,"upstream_time":"$upstream_header_time",'
+        '"upstream":"$upstream_addr","request_id":"$request_id",'
+        '"user_agent":"$http_user_agent","referer":"$http_referer"}';"""
+        logging = f"access_log {tmp}/access.log bench_json buffer=64k;"
     server = f"""server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
+        {logging}
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -652,7 +667,7 @@ def make_nginx_proxy(
         )
     )
     cmd = [*taskset(cpu), nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")]
-    return Server("nginx", cmd, port, tmp / "stdout.log")
+    return Server(name, cmd, port, tmp / "stdout.log")
 
 
 def make_haproxy(

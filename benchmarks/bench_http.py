@@ -71,6 +71,10 @@ from _common import (
 
 MODES = ("keepalive", "close")
 TARGETS = ("direct", "nginx", "haproxy", "uvloop", "bgproxy")
+# The access log's cost: each proxy writing a JSON (or combined) log to a file, set
+# beside the same proxy without one (issue 18; not run unless named in --targets).
+LOG_TARGETS = ("nginx-log", "bgproxy-json", "bgproxy-combined")
+LOG_BASE = {"nginx-log": "nginx", "bgproxy-json": "bgproxy", "bgproxy-combined": "bgproxy"}
 PEERS = ("direct", "nginx", "haproxy", "uvloop")  # baselines that ratios are computed against
 
 
@@ -200,6 +204,37 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
             print(" | ".join(parts))
 
 
+def logged_bgproxy(base: Path, up_port: int, fmt_: str) -> Server:
+    """bgproxy writing its access log in ``fmt_`` to a file."""
+    log_file = base / f"bgproxy-{fmt_}.log"
+    extra = f'access_log: {{ destination: "{log_file}", format: {fmt_} }}\n'
+    return make_bgproxy(base, up_port, name=f"bgproxy-{fmt_}", extra_yaml=extra)
+
+
+def print_log_cost(
+    samples: dict[tuple[str, str, str], list[RunSample]],
+    bodies: list[str],
+    modes: list[str],
+    targets: list[str],
+) -> None:
+    """Throughput with an access log over throughput without, per proxy (paired runs)."""
+    for body in bodies:
+        for mode in modes:
+            parts = []
+            for target in LOG_TARGETS:
+                base = LOG_BASE[target]
+                if target in targets and base in targets:
+                    ratio = paired_ratio(
+                        samples.get((body, mode, target), []),
+                        samples.get((body, mode, base), []),
+                        "rps",
+                    )
+                    if ratio is not None:
+                        parts.append(f"{target}/{base} {ratio:.3f}{TIMES}")
+            if parts:
+                print(f"access log cost, {body} {mode}: " + " | ".join(parts))
+
+
 # ----------------------------------------------------------------------- runs
 
 
@@ -306,7 +341,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--modes", type=lambda v: parse_list(v, MODES, "--modes"), default=list(MODES),
         help="modes: keepalive,close",
     )  # fmt: skip
-    add_target_args(p, TARGETS)
+    add_target_args(p, TARGETS + LOG_TARGETS, default=TARGETS)
     args = p.parse_args(argv)
     if args.runs < 1 or args.duration <= 0 or args.connections < 1:
         p.error("--runs, --duration and --connections must be positive")
@@ -339,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
             "haproxy": lambda: make_haproxy(base, haproxy, upstream.port),
             "uvloop": lambda: make_uvloop_floor(base, upstream.port),
             "bgproxy": lambda: make_bgproxy(base, upstream.port),
+            "nginx-log": lambda: make_nginx_proxy(
+                base, nginx, upstream.port, access_log=True, name="nginx-log"
+            ),
+            "bgproxy-json": lambda: logged_bgproxy(base, upstream.port, "json"),
+            "bgproxy-combined": lambda: logged_bgproxy(base, upstream.port, "combined"),
         }
         for name in args.targets:
             if name == "direct":
@@ -366,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows)
         print()
         print_summary(rows)
+        print_log_cost(m.samples, args.only, args.modes, targets)
         print_notes(skipped, m)
 
         if args.json:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
 from .schema import (
     SERVICE_NAME,
     SERVICE_SECTIONS,
@@ -34,10 +35,12 @@ from .schema import (
     DrainConfig,
     GatesConfig,
     HealthCheckConfig,
+    HookConfig,
     HostPort,
     LimitsConfig,
     PoolConfig,
     RollbackConfig,
+    RolloutConfig,
     RoutingConfig,
     ServiceConfig,
     SmokeProbe,
@@ -52,6 +55,7 @@ from .schema import (
     host_pattern_problem,
     normalize_path,
 )
+from .tls import check_certificates, parse_certificates, parse_min_version
 
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -251,6 +255,13 @@ def _str(value: object) -> str:
     if isinstance(value, str):
         return value
     raise ValueError(f"expected a string, got {_show(value)}")
+
+
+def _switch(value: object) -> str:
+    """``on``/``off``/``auto``; YAML 1.1 reads a bare on/off as a boolean, so both work."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _str(value)
 
 
 def _optional(convert: Callable[[object], T]) -> Callable[[object], T | None]:
@@ -475,6 +486,55 @@ def _gates(errors: list[str], path: str, data: object, base: Any = None) -> Gate
     return s.build(GatesConfig)
 
 
+def _weights(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of weights like [10, 25, 50, 100], got {_show(value)}")
+    return tuple(_int(w) for w in value)
+
+
+_rollout = _flat(
+    RolloutConfig, {"steps": _weights, "step_interval": parse_duration, "auto_promote": _bool}
+)
+_HOOK_KEYS = ("on", "url", "timeout", "format", "name")
+
+
+def _hook(errors: list[str], path: str, data: object) -> HookConfig | None:
+    if isinstance(data, dict) and True in data:
+        # YAML 1.1 reads a bare ``on`` as the boolean true: take it as the key it means.
+        data = {("on" if k is True else k): v for k, v in data.items()}
+    if not isinstance(data, dict):
+        hint = "expected a mapping like {on: [switch], url: ...}"
+        errors.append(f"{path}: {hint}, got {_show(data)}")
+        return None
+    s = _Section(errors, path, data, _HOOK_KEYS)
+    for key in ("on", "url"):
+        if key not in s.values:
+            s.fail(s.key_path(key), "required")
+    on = s.values.get("on")
+    if isinstance(on, str):
+        s.values["on"] = [on]
+    items = s.take_list("on", _str)
+    if items is not None:
+        s.kwargs["on"] = tuple(items)
+    s.take("url", _str)
+    s.take("timeout", parse_duration)
+    s.take("format", _str)
+    s.take("name", _str)
+    # Built even after a bad key (to report the rest), but only with both required keys.
+    return s.build(HookConfig) if "on" in s.kwargs and "url" in s.kwargs else None
+
+
+def _hooks(errors: list[str], path: str, data: object, base: Any = None) -> object | None:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        errors.append(f"{path}: expected a list of hooks, got {_show(data)}")
+        return None
+    hooks = [_hook(errors, f"{path}[{i}]", item) for i, item in enumerate(data)]
+    good = [h for h in hooks if h is not None]
+    return tuple(good) if len(good) == len(hooks) else None
+
+
 # In SPEC order, so errors come out in the order a reader meets the keys.
 _SECTIONS: tuple[tuple[str, _Builder], ...] = (
     ("admin", _flat(AdminConfig, {"listen": parse_host_port, "token_env": _optional(_str)})),
@@ -537,6 +597,8 @@ _SECTIONS: tuple[tuple[str, _Builder], ...] = (
         ),
     ),
     ("gates", _gates),
+    ("rollout", _rollout),
+    ("hooks", _hooks),
     (
         "state",
         _flat(
@@ -582,15 +644,62 @@ def _acme(errors: list[str], path: str, data: object, base: Any = None) -> AcmeC
     return s.build(AcmeConfig)
 
 
+_TLS_KEYS = (
+    "listen", "certificates", "min_version", "alpn", "redirect_http", "hsts", "handshake_timeout",
+    "acme",
+)  # fmt: skip
+
+
 def _tls(errors: list[str], path: str, data: object, base: Any = None) -> TlsConfig | None:
-    s = _Section(errors, path, data, ("acme",))
+    s = _Section(errors, path, data, _TLS_KEYS)
+    s.take("listen", _optional(parse_host_port))
+    if s.values.get("certificates") is not None:
+        certs, problems = parse_certificates(s.values["certificates"], s.key_path("certificates"))
+        for problem in problems:
+            where, _, message = problem.partition(": ")
+            s.fail(where, message)
+        if certs is not None:
+            s.kwargs["certificates"] = certs
+    s.take("min_version", parse_min_version)
+    alpn = s.take_list("alpn", _str)
+    if alpn is not None:
+        s.kwargs["alpn"] = tuple(alpn)
+    s.take("redirect_http", _bool)
+    s.take("hsts", _optional(_str))
+    s.take("handshake_timeout", parse_duration)
     s.nested("acme", _acme)
+    if "acme" in s.values and "acme" not in s.kwargs:
+        return None  # its errors are listed; TlsConfig's checks would read it as off
     return s.build(TlsConfig)
 
 
 _SECTIONS += (("tls", _tls),)
+# Top-level only: one log stream and one trace export per process, whatever the service.
+_SECTIONS += (
+    (
+        "access_log",
+        _flat(
+            AccessLogConfig,
+            {
+                "destination": _optional(_str),
+                "format": _str,
+                "sample": _number,
+                "rejections_per_second": _int,
+            },
+        ),
+    ),
+    ("request_id", _flat(RequestIdConfig, {"header": _optional(_str), "mode": _switch})),
+    (
+        "tracing",
+        _flat(
+            TracingConfig,
+            {"otlp_endpoint": _optional(_str), "sample_ratio": _number, "service_name": _str},
+        ),
+    ),
+)
 _TOP_KEYS = (
-    "listen", *(key for key, _ in _SECTIONS), "trusted_proxies", "services", "default_service",
+    "listen", *(key for key, _ in _SECTIONS), "trusted_proxies", "proxy_protocol", "services",
+    "default_service",
 )  # fmt: skip
 _BUILDERS = dict(_SECTIONS)
 _SECTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -687,6 +796,7 @@ def parse_config(data: object) -> Config:
     if networks is not None:
         s.kwargs["trusted_proxies"] = tuple(networks)
     s.take("default_service", _optional(_str))
+    s.take("proxy_protocol", _bool)
     if has_services:
         # Services override the top-level sections key by key: build those first.
         top = {key: s.kwargs.get(key, _SECTION_DEFAULTS[key]) for key in SERVICE_SECTIONS}
@@ -695,6 +805,10 @@ def parse_config(data: object) -> Config:
     config = None if errors else s.build(Config)
     if config is None:
         raise ConfigError(errors)
+    # The files last: a config that is wrong in itself is reported without touching them.
+    cert_errors, _ = check_certificates(config.tls)
+    if cert_errors:
+        raise ConfigError(cert_errors)
     return config
 
 

@@ -20,6 +20,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import ConfigError as ConfigError  # re-exported: its home before errors.py
+from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
+
 COLORS = ("blue", "green")
 STATE_BACKENDS = ("memory", "redis")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -31,17 +34,6 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z
 # A path goes verbatim into a request line: visible ASCII only, no spaces.
 _REQUEST_PATH = re.compile(r"/[!-~]*")
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
-
-
-class ConfigError(Exception):
-    """Every problem found in a config, each as "dotted.key.path: message"."""
-
-    errors: list[str]
-
-    def __init__(self, errors: str | Iterable[str]) -> None:
-        # A lone string is one error, not an iterable of characters.
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        Exception.__init__(self, "\n".join(self.errors))
 
 
 class _Problems:
@@ -349,6 +341,55 @@ class GatesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    steps: tuple[int, ...] = (10, 25, 50, 100)  # the new color's weight at each step
+    step_interval: float = 60.0
+    auto_promote: bool = True
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        steps = self.steps
+        p.check(len(steps) > 0, "steps", "must list at least one weight")
+        for i, w in enumerate(steps):
+            p.check(1 <= w <= 100, f"steps[{i}]", f"must be a weight from 1 to 100, got {w}")
+        for i in range(1, len(steps)):
+            p.check(steps[i] > steps[i - 1], f"steps[{i}]", "must be greater than the step before")
+        p.check(not steps or steps[-1] == 100, "steps", "the last step must be 100")
+        p.positive("step_interval", self.step_interval)
+        p.raise_if_any()
+
+
+# When a hook is called: ``pre_switch`` is a gate, the others are notifications.
+HOOK_EVENTS = ("pre_switch", "switch", "weights", "rollout_step", "promote", "abort", "rollback")
+HOOK_FORMATS = ("json", "slack")
+
+
+@dataclass(frozen=True, slots=True)
+class HookConfig:
+    on: tuple[str, ...]
+    url: str
+    timeout: float = 5.0
+    format: str = "json"  # json: the event itself; slack: {"text": ...} for chat webhooks
+    name: str = ""  # the metric label; default: the URL's host (never its path: tokens)
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(len(self.on) > 0, "on", f"must name at least one of {', '.join(HOOK_EVENTS)}")
+        for i, what in enumerate(self.on):
+            p.check(what in HOOK_EVENTS, f"on[{i}]", f"expected one of {', '.join(HOOK_EVENTS)}")
+        scheme, sep, rest = self.url.partition("://")
+        ok = bool(sep) and scheme in ("http", "https") and bool(rest.split("/")[0])
+        p.check(ok, "url", f"expected an http:// or https:// URL, got {self.url!r}")
+        p.positive("timeout", self.timeout)
+        ok = self.format in HOOK_FORMATS
+        p.check(ok, "format", f"must be 'json' or 'slack', got {self.format!r}")
+        p.raise_if_any()
+        if not self.name:
+            host = rest.split("/")[0].rpartition("@")[2]
+            object.__setattr__(self, "name", host)
+
+
+@dataclass(frozen=True, slots=True)
 class StateConfig:
     backend: str = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -466,17 +507,76 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+MIN_TLS_VERSIONS = ("1.2", "1.3")
+# An ALPN protocol id is 1-255 bytes; the ones worth naming are printable.
+_ALPN = re.compile(r"[!-~]{1,255}")
+# One header value (RFC 6797 directives): printable, no control characters.
+_HSTS = re.compile(r"[ -~]+")
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str  # PEM: the certificate, optionally followed by its chain
+    key: str  # PEM: its private key, unencrypted
+
+
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     acme: AcmeConfig = AcmeConfig()
+    listen: HostPort | None = None  # None: no HTTPS listener
+    certificates: tuple[CertificateConfig, ...] = ()
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ("http/1.1",)
+    redirect_http: bool = False
+    hsts: str | None = None  # the Strict-Transport-Security value, e.g. "max-age=31536000"
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(
+            self.min_version in MIN_TLS_VERSIONS,
+            "min_version",
+            f'must be "1.2" or "1.3", got {self.min_version!r}',
+        )
+        p.check(len(self.alpn) > 0, "alpn", "must list at least one protocol, e.g. http/1.1")
+        for i, proto in enumerate(self.alpn):
+            p.check(
+                _ALPN.fullmatch(proto) is not None, f"alpn[{i}]", f"not a protocol id: {proto!r}"
+            )
+        if self.hsts is not None:
+            ok = _HSTS.fullmatch(self.hsts) is not None and "max-age" in self.hsts.lower()
+            p.check(
+                ok, "hsts", f'expected a header value like "max-age=31536000", got {self.hsts!r}'
+            )
+        p.positive("handshake_timeout", self.handshake_timeout)
+        if self.listen is not None:
+            p.check(
+                len(self.certificates) > 0 or self.acme.enabled,
+                "certificates",
+                "required with tls.listen (unless tls.acme obtains them):"
+                " a list of {cert: FILE, key: FILE}",
+            )
+        p.check(
+            not self.acme.enabled or self.listen is not None,
+            "acme",
+            "needs tls.listen (the HTTPS listener that serves what it obtains)",
+        )
+        p.check(
+            not self.redirect_http or self.listen is not None,
+            "redirect_http",
+            "needs tls.listen (the HTTPS listener to redirect to)",
+        )
+        p.raise_if_any()
 
 
 # A service name goes into URLs, metric labels and Redis keys: keep it plain.
 SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DEFAULT_SERVICE = "default"  # the name of the one service of the top-level upstreams form
 # Sections a service may override key by key (SPEC "Services").
+# ``hooks`` is a list: a service's replaces the top-level one whole.
 SERVICE_SECTIONS = (
     "health_check", "routing", "timeouts", "drain", "websocket", "rollback", "gates",
+    "rollout", "hooks",
 )  # fmt: skip
 
 
@@ -513,6 +613,8 @@ class ServiceConfig:
     websocket: WebSocketConfig = WebSocketConfig()
     rollback: RollbackConfig = RollbackConfig()
     gates: GatesConfig = GatesConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    hooks: tuple[HookConfig, ...] = ()
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -546,6 +648,8 @@ class Config:
     websocket: WebSocketConfig = WebSocketConfig()
     rollback: RollbackConfig = RollbackConfig()
     gates: GatesConfig = GatesConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    hooks: tuple[HookConfig, ...] = ()
     state: StateConfig = StateConfig()
     limits: LimitsConfig = LimitsConfig()
     # Peers (e.g. a load balancer in front) whose incoming X-Forwarded-For is trusted.
@@ -553,9 +657,30 @@ class Config:
     services: tuple[ServiceConfig, ...] = ()
     default_service: str | None = None
     tls: TlsConfig = TlsConfig()
+    # The plain and TLS listeners expect a PROXY protocol header, from trusted_proxies only.
+    proxy_protocol: bool = False
+    access_log: AccessLogConfig = AccessLogConfig()
+    request_id: RequestIdConfig = RequestIdConfig()
+    tracing: TracingConfig = TracingConfig()
 
     def __post_init__(self) -> None:
         p = _Problems()
+        if self.tls.listen is not None:
+            p.check(
+                not _may_collide(self.tls.listen, self.listen),
+                "tls.listen",
+                f"{self.tls.listen} collides with listen ({self.listen})",
+            )
+            p.check(
+                not _may_collide(self.tls.listen, self.admin.listen),
+                "tls.listen",
+                f"{self.tls.listen} collides with admin.listen ({self.admin.listen})",
+            )
+        p.check(
+            not self.proxy_protocol or bool(self.trusted_proxies),
+            "proxy_protocol",
+            "needs trusted_proxies: a PROXY header is accepted only from them",
+        )
         p.check(
             not _may_collide(self.listen, self.admin.listen),
             "admin.listen",

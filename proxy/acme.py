@@ -48,7 +48,6 @@ from proxy.tasks import Tasks
 
 log = logging.getLogger("bgproxy.acme")
 
-ACME_CHALLENGE_PATH = b"/.well-known/acme-challenge/"
 USER_AGENT = "bgproxy-acme"
 
 
@@ -432,49 +431,3 @@ def _covers(names: Sequence[str], domain: str) -> bool:
         if name.startswith("*.") and domain.partition(".")[2] == name[2:]:
             return True
     return False
-
-
-class Http01Answers:
-    """The HTTP-01 answers of this process, for the plain listener (``http01``), and a
-    stand-in certificate store while no TLS listener's store is wired (installs are
-    kept for ``/status`` only)."""
-
-    def __init__(self) -> None:
-        self.http01: dict[str, str] = {}
-        self.installed: dict[str, tuple[bytes, bytes]] = {}
-
-    def install(
-        self,
-        names: list[str] | tuple[str, ...],
-        cert_pem: bytes,
-        key_pem: bytes,
-        source: str = "acme",
-    ) -> None:
-        # Refused as the TLS listener's store refuses it: a key that is not the cert's.
-        cert = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
-        if cert.public_key() != key.public_key():
-            raise ValueError("the key does not match the certificate")
-        for name in names:
-            self.installed[name] = (cert_pem, key_pem)
-
-    def select(self, server_name: str | None) -> None:
-        return None
-
-    def answer(self, url: bytes) -> bytes:
-        """The whole response to a GET of ``url`` under ``ACME_CHALLENGE_PATH``."""
-        token = url[len(ACME_CHALLENGE_PATH) :].split(b"?", 1)[0].decode("latin-1")
-        value = self.http01.get(token)
-        if value is None:
-            body = b"unknown ACME challenge token\n"
-            return (
-                b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n%s"
-                % (len(body), body)
-            )
-        data = value.encode("ascii")
-        return (
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-            b"Content-Length: %d\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n%s"
-            % (len(data), data)
-        )

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.state import COLORS, Color, Event, RoutingState, rfc3339
@@ -97,6 +97,10 @@ class DrainController:
         self._task: asyncio.Task[None] | None = None
         self._handoffs: dict[Exchange, list[asyncio.TimerHandle]] = {}
         self.reconnects_sent: dict[Color, int] = dict.fromkeys(COLORS, 0)
+        # Control-plane log lines (wired by admin/runner.py): a drain's end where drains
+        # are decided, a batch of WebSocket handoffs where the sockets are.
+        self.on_done: Callable[[dict[str, Any]], None] | None = None
+        self.on_handoff: Callable[[dict[str, Any]], None] | None = None
 
     # -- reacting to a new snapshot ---------------------------------------------------------
 
@@ -139,6 +143,11 @@ class DrainController:
         if d.state == "draining":
             d.state = "done"
             d.completed_at = time.time()
+            if self.on_done is not None and d.color is not None:
+                self.on_done(
+                    {"action": "drain_done", "color": d.color.value, "forced": d.forced,
+                     "started_at": _time(d.started_at), "completed_at": _time(d.completed_at)}
+                )  # fmt: skip
         self._task = None
 
     # -- WebSocket handoff ----------------------------------------------------------------
@@ -148,6 +157,7 @@ class DrainController:
         lo, hi = cfg.reconnect_window
         message = render_message(cfg.reconnect_message, new_color, reason)
         loop = self.service.loop
+        n = 0
         for conn in list(self.service.tunnels):
             if conn.color is not color or conn.ws is None or conn in self._handoffs:
                 continue
@@ -156,6 +166,12 @@ class DrainController:
                 loop.call_later(at, self._send_reconnect, conn, message),
                 loop.call_later(at + cfg.close_grace, self._close, conn, CLOSE_SERVICE_RESTART),
             ]
+            n += 1
+        if n and self.on_handoff is not None:
+            self.on_handoff(
+                {"action": "handoff", "from": color.value, "to": new_color.value,
+                 "connections": n, "window": [lo, hi], "reason": reason}
+            )  # fmt: skip
 
     def _send_reconnect(self, conn: Exchange, message: str) -> None:
         ws = conn.ws

@@ -19,6 +19,7 @@ cdef class Exchange(ResponseSink):
     cdef public object _connecting
     cdef public bytes _extra
     cdef public bytes _head
+    cdef public object _intercept
     cdef public int _paused
     cdef public object _queue
     cdef public bint _req_done
@@ -44,6 +45,16 @@ cdef class Exchange(ResponseSink):
     cdef public UpstreamConnection up
     cdef public object upstream
     cdef public WebSocketRelay ws
+    cdef public Py_ssize_t _bytes_out
+    cdef public str _client
+    cdef public double _up_time
+    cdef public object _reason
+    cdef public bytes _rid
+    cdef public object _span
+    cdef public object _tls_version
+    cdef public object _sni
+    cdef public bytes _raw_head
+    cdef public bytes _trace_in
 
     cdef _next_request(self)
     # Called by the upstream connection as the response arrives.
@@ -68,5 +79,9 @@ cdef class Exchange(ResponseSink):
     cdef _fail(self, exc)
     cpdef _reply(self, reply)
     cdef _end_exchange(self, bint aborted)
+    @cython.locals(n=Py_ssize_t, headers=list, req=Request)
+    cdef Py_ssize_t _head_size(self) except -1
+    @cython.locals(end=double, service=Service, ws=WebSocketRelay, req=Request)
+    cdef tuple _log_record(self, int status, observer)
     cdef _flush_upstream(self, list out)
     cdef _to_upstream(self, bytes data)

@@ -10,6 +10,7 @@ exchange ends (a response, an error reply, a cut stream).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -29,10 +30,13 @@ from proxy.state import Color
 from proxy.websocket import WebSocketRelay
 
 if TYPE_CHECKING:
+    from proxy.observability import Observer
     from proxy.pools import Upstream
+    from proxy.router import Reason
     from proxy.server import ProxyServer
     from proxy.service import Service
     from proxy.settings import Settings
+    from proxy.tracing import Span
     from proxy.upstream import UpstreamConnection
 
 from proxy.phases import CLOSED, STREAM, TUNNEL, UPSTREAM
@@ -43,11 +47,12 @@ class Exchange(ResponseSink):
     # methods the upstream side calls through a C vtable.
     # Slots: faster attribute access on the hot path and less memory per idle connection.
     __slots__ = (
-        "_active", "_attempts", "_body_buf", "_body_bytes", "_chunked", "_connecting", "_extra",
-        "_head", "_paused", "_queue", "_req_done", "_response_started", "_started", "_status",
-        "_tunnel", "_up_out", "_upgrade", "_websocket", "_xff_line", "color", "deadline",
-        "parser", "peer", "phase", "proto_line", "req", "server", "service", "settings",
-        "transport", "up", "upstream", "ws",
+        "_active", "_attempts", "_body_buf", "_body_bytes", "_bytes_out", "_chunked", "_client",
+        "_connecting", "_extra", "_head", "_intercept", "_paused", "_queue", "_raw_head", "_reason",
+        "_req_done", "_response_started", "_rid", "_sni", "_span", "_started", "_status",
+        "_tls_version", "_trace_in", "_tunnel", "_up_out", "_up_time", "_upgrade", "_websocket",
+        "_xff_line", "color", "deadline", "parser", "peer", "phase", "proto_line", "req", "server",
+        "service", "settings", "transport", "up", "upstream", "ws",
     )  # fmt: skip
 
     server: ProxyServer
@@ -67,6 +72,9 @@ class Exchange(ResponseSink):
     _up_out: list[bytes] | None
     _xff_line: bytes
     proto_line: bytes  # X-Forwarded-Proto for this connection's scheme
+    # None, or what a listener checks before routing (https redirect, ACME HTTP-01):
+    # ``intercept(conn, host, url)`` raises Reject to answer instead of proxying.
+    _intercept: Callable[[Exchange, bytes | None, bytes], None] | None
     req: Request  # the running request (or, between requests, the next one's start)
     _extra: bytes
     _head: bytes
@@ -83,6 +91,18 @@ class Exchange(ResponseSink):
     _started: float
     _status: int
     _active: bool
+    # For the access log and the span (proxy/observability.py), per request:
+    _bytes_out: int  # written to the client
+    _client: str | None  # the client a trusted proxy's X-Forwarded-For names
+    _up_time: float  # seconds to the upstream's response head, -1.0 before it
+    _reason: Reason | None  # the router's reason
+    _rid: bytes | None  # the request ID
+    _span: Span | None  # the proxy's span, while tracing
+    # The TLS version and server name of this connection, for the log (None on plain).
+    _tls_version: str | None
+    _sni: str | None
+    _raw_head: bytes | None  # the fast path's head (user agent, referer), else None
+    _trace_in: bytes | None  # the client's traceparent, while tracing
 
     def _next_request(self) -> None:
         """Ready for the next request on this connection (the listener's side)."""
@@ -120,6 +140,7 @@ class Exchange(ResponseSink):
 
     def write(self, data: bytes) -> None:
         if self.phase != CLOSED and self.transport is not None:
+            self._bytes_out += len(data)
             self.transport.write(data)
 
     def close(self) -> None:
@@ -200,7 +221,8 @@ class Exchange(ResponseSink):
         self._response_started = True
         self.phase = STREAM
         self.deadline = self.server.now + self.settings.upstream_response_timeout
-        self.service.record_response(self.color, status, monotonic() - self._started)  # type: ignore[union-attr,arg-type]
+        up_time = self._up_time = monotonic() - self._started
+        self.service.record_response(self.color, status, up_time)  # type: ignore[union-attr,arg-type]
 
     def response_extra(self) -> bytes:
         return self._extra
@@ -318,8 +340,14 @@ class Exchange(ResponseSink):
             self.transport.abort()
             return
         extra = self._extra if self.color is not None else b""
-        self.transport.write(error_response(reply, extra))
+        data = error_response(reply, extra)
+        self._bytes_out += len(data)
+        self._status = reply.status
+        self.transport.write(data)
         self.phase = CLOSED
+        observer = self.server.observer
+        if not self._active and observer is not None:
+            observer.rejected(self._log_record(reply.status, observer))
         self._end_exchange(aborted=False)
         self.transport.close()
 
@@ -332,6 +360,48 @@ class Exchange(ResponseSink):
                     service.tunnel_closed(self)
                 else:
                     service.end_request(self.color)
+            observer = self.server.observer
+            if observer is not None:
+                # The one place a routed request or WebSocket session ends, however it ends.
+                # A client gone before the response: 499, as nginx logs it.
+                status = self._status if self._response_started else 499
+                observer.finish(self._log_record(status, observer))
+
+    def _head_size(self) -> int:
+        """The request head's bytes: counted exactly by the fast path; llhttp's path
+        is summed from the parsed head (optional white space around values aside)."""
+        req = self.req
+        headers = req.headers
+        if not headers:
+            return req.size
+        n = len(req.method) + len(req.url) + 14  # " ", " HTTP/1.1\r\n", final CRLF
+        for name, value in headers:
+            n += len(name) + len(value) + 4
+        return n
+
+    def _log_record(self, status: int, observer: Observer) -> tuple[object, ...]:
+        """The access-log record (proxy/accesslog.py: ``R_*``): what the exchange holds."""
+        end = monotonic()
+        req = self.req
+        service = self.service
+        upstream = self.upstream
+        color = self.color
+        ws = self.ws
+        return (
+            end, self._client or self.peer, req.method, req.url,
+            b"1.1" if self.http11 else b"1.0", status,
+            self._head_size() + self._body_bytes, self._bytes_out,
+            end - self._started if self._started else 0.0, self._up_time,
+            service.name if service is not None else None,
+            color.value if color is not None else None,
+            observer.reasons.get(self._reason) if self._reason is not None else None,
+            upstream.url if upstream is not None else None, self._rid,
+            self._raw_head if self._raw_head is not None else req.headers, self._tls_version,
+            self._sni,
+            (ws.up.messages, ws.down.messages, ws.ended_by or "client") if ws is not None
+            else None,
+            self._span,
+        )  # fmt: skip
 
     def _flush_upstream(self, out: list[bytes]) -> None:
         self._up_out = None

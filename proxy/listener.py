@@ -13,8 +13,8 @@ import asyncio
 import hmac
 import logging
 from random import random as roll_dice
-from time import monotonic
-from typing import TYPE_CHECKING, Any
+from time import monotonic, time
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -40,11 +40,14 @@ from proxy.http1 import (
     trim_te_ows,
     valid_ws_key,
 )
+from proxy.observability import real_client
 from proxy.phases import CLOSED, HEAD, IDLE, STREAM, TUNNEL, UPSTREAM
 from proxy.request import Request, fast_head, read_head, upstream_head
-from proxy.router import NO_ATTRS, REJECT, RequestAttrs, route
+from proxy.router import NO_ATTRS, REJECT, RequestAttrs, cookie_bucket, route
+from proxy.tracing import valid_request_id
 
 if TYPE_CHECKING:
+    from proxy.observability import Observer
     from proxy.server import ProxyServer
     from proxy.service import Service
 
@@ -81,6 +84,8 @@ class ClientConnection(Exchange):
         self._queue: list[Request] | None = None
         self._up_out: list[bytes] | None = None
         self.proto_line = HTTP_PROTO
+        self._intercept = None
+        self._tls_version = self._sni = None
         self._reset_request(Request())
 
     def _reset_request(self, req: Request) -> None:
@@ -107,6 +112,14 @@ class ClientConnection(Exchange):
         self._started = 0.0
         self._status = 0
         self._active = False
+        self._bytes_out = 0
+        self._client = None
+        self._up_time = -1.0
+        self._reason = None
+        self._rid = None
+        self._span = None
+        self._raw_head = None
+        self._trace_in = None
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -259,8 +272,13 @@ class ClientConnection(Exchange):
         # The settings this request runs under, read once: a reload applies from here on.
         s = self.settings = server.settings
         req = self.req
+        observer = server.observer
+        if observer is not None and observer.watch and observer.rewrites(data[:end]):
+            return False  # llhttp's path replaces the request ID or traceparent
         if not fast_head(req, data, end, s):
             return False
+        if observer is not None and observer.access is not None:
+            self._raw_head = data[:end]  # for the user agent and referer, read when logged
         self.http11 = True
         self.closing = self.closing or not req.keep_alive or server.stopping
         self.phase = HEAD
@@ -403,9 +421,8 @@ class ClientConnection(Exchange):
 
     def _match_service(self, host: bytes | None, url: bytes) -> Service:
         """The service this request belongs to (404 if none); its settings apply from here."""
-        acme = self.server.acme_http01
-        if acme is not None and url.startswith(b"/.well-known/acme-challenge/"):
-            self._answer_acme(acme, url)
+        if self._intercept is not None:
+            self._intercept(self, host, url)
         table = self.server.table
         service = table.only
         if service is None:
@@ -417,15 +434,6 @@ class ClientConnection(Exchange):
         self.service = service
         self.settings = service.settings
         return service  # type: ignore[no-any-return]
-
-    def _answer_acme(self, acme: Any, url: bytes) -> None:
-        """Answer an ACME HTTP-01 validation request (whatever the Host: the domain being
-        validated may not be a service's yet) and close; the Reject unwinds the caller,
-        whose reply finds the connection already answered."""
-        self.write(acme.answer(url))
-        self.phase = CLOSED
-        self.close()
-        raise Reject(Reply.NOT_FOUND)
 
     def _dispatch(self, req: Request) -> None:
         """A head llhttp read: match its service, read its fields, route and send it."""
@@ -452,7 +460,11 @@ class ClientConnection(Exchange):
         ):
             raise Reject(Reply.HEADERS_TOO_LARGE)
         self.closing = self.closing or not req.keep_alive or server.stopping
-        read_head(req, s, bool(s.trusted) and s.is_trusted(self.peer), http11)
+        trusted = bool(s.trusted) and s.is_trusted(self.peer)
+        read_head(req, s, trusted, http11)
+        observer = server.observer
+        if observer is not None and observer.watch:
+            self._take_observed(req, observer, trusted)
         self._chunked = req.te is not None
         self._route_and_send(req, req.upgrade)
 
@@ -477,13 +489,17 @@ class ClientConnection(Exchange):
         service = self.service
         assert service is not None
         state = service.store.snapshot()
-        decision = route(attrs, state, roll_dice())
+        roll = roll_dice()
+        decision = route(attrs, state, roll)
         if decision is REJECT:
             raise Reject(Reply.BAD_OVERRIDE)
         color = decision.color
         assert color is not None
         self.color = color
-        self._extra = (s.sticky_extra if decision.set_sticky else s.color_extra)[color]
+        self._reason = decision.reason
+        self._extra = s.color_extra[color]
+        if decision.set_sticky:  # a client's first request under a split: its bucket
+            self._extra += s.sticky_set % cookie_bucket(decision, state, roll)
         service.begin_request(color)
         self._active = True
         # Not loop.time(): uvloop's clock counts whole milliseconds.
@@ -509,6 +525,9 @@ class ClientConnection(Exchange):
             self.closing = True
         self._upgrade = is_upgrade
         upstream = service.pools[color].pick()
+        observer = self.server.observer
+        if observer is not None:
+            self._observe(observer, req)
         self._head = upstream_head(
             req,
             upstream.host_header if upstream is not None else None,
@@ -518,6 +537,45 @@ class ClientConnection(Exchange):
             req.upgrade_value if is_upgrade else None,
         )
         self._connect_and_send(upstream)
+
+    def _take_observed(self, req: Request, observer: Observer, trusted: bool) -> None:
+        """The request ID and traceparent as llhttp's path read them: a trusted peer's
+        log-safe ID is kept, anyone else's replaced; neither is forwarded as it came
+        (``_observe`` writes the proxy's)."""
+        names = set()
+        for name, value in req.headers:
+            low = name.lower()
+            if low == observer.id_header and observer.ids is not None:
+                if trusted and self._rid is None and valid_request_id(value):
+                    self._rid = value
+                names.add(low)
+            elif low == b"traceparent" and observer.tracer is not None:
+                self._trace_in = value
+                names.add(low)
+        if names:
+            lines = req.lines  # the request line, then four items per field
+            req.lines = [
+                item
+                for k in range(0, len(lines), 4)
+                if lines[k].lower() not in names
+                for item in lines[k : k + 4]
+            ]
+
+    def _observe(self, observer: Observer, req: Request) -> None:
+        """The request ID up- and downstream, the proxy's span as the upstream's parent,
+        and the client behind a trusted proxy: only with the observer on."""
+        if req.xff:
+            self._client = real_client(req.xff, self.settings)
+        if observer.ids is not None:
+            rid = self._rid
+            if rid is None:
+                rid = self._rid = observer.ids.next()
+            line = observer.id_line + rid + b"\r\n"
+            req.lines.append(line)
+            self._extra = self._extra + line
+        if observer.tracer is not None:
+            span = self._span = observer.tracer.start(self._trace_in, time())
+            req.lines.append(span.traceparent())
 
     def _after_upgrade_head(self, rest: bytes) -> None:
         # Bytes after an upgrade request head belong to the new protocol: hold them

@@ -80,6 +80,18 @@ redis.call('PUBLISH', ARGV[3], ARGV[1])
 return {1, ARGV[1]}
 """
 
+# KEYS: lease. ARGV: owner, ttl ms. Take the lease when free, renew it when ours.
+_LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def safe_url(url: str) -> str:
     """``url`` without its password, for messages and ``/status``."""
@@ -198,6 +210,9 @@ class RedisStateStore:
         )
         self._cas = self._redis.register_script(_CAS)
         self._seed_script = self._redis.register_script(_SEED)
+        self._lease_script = self._redis.register_script(_LEASE)
+        self._release_script = self._redis.register_script(_RELEASE)
+        self._prefix = prefix
         # Until ``start`` loads the stored state, only metrics and /status read this seed:
         # the data plane starts after it (it never routes by config defaults).
         self._state = seed
@@ -322,6 +337,28 @@ class RedisStateStore:
     def kick_heartbeat(self) -> None:
         """Report now rather than at the next tick (a new generation was applied)."""
         self._wake_heartbeat.set()
+
+    # -- leases: one instance of the fleet does a job (drives a rollout) -------------------
+
+    async def hold_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease ``name`` for ``ttl`` seconds; False when another owner
+        holds it or Redis is not answering (then nobody can prove they hold it)."""
+        if not self._available:
+            return False
+        try:
+            async with asyncio.timeout(self._op_timeout * 2):
+                got = await self._lease_script(
+                    keys=[f"{self._prefix}:lease:{name}"], args=[owner, int(ttl * 1000)]
+                )
+        except REDIS_DOWN as exc:
+            self._mark_down(exc)
+            return False
+        return int(got) == 1
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            async with asyncio.timeout(self._op_timeout):
+                await self._release_script(keys=[f"{self._prefix}:lease:{name}"], args=[owner])
 
     # -- lifecycle ------------------------------------------------------------------------------
 

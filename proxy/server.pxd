@@ -21,6 +21,7 @@ cdef class ProxyServer:
     cdef public double _bad_logged_at
     cdef public dict services
     cdef public object table
-    cdef public object acme_http01
+    cdef public object edge
+    cdef public object observer
 
     cpdef note_bad_request(self, int status)

@@ -80,10 +80,12 @@ class ProxyServer:
         self._bad_requests: Counter[int] = Counter()
         self._bad_logged_at = 0.0
         self.services: dict[str, Service] = {}
+        # Access log, request IDs, tracing (proxy/observability.py): None while all are off.
+        self.observer: Any = None
         self.table = ServiceTable((), None)
-        # ACME HTTP-01 answers (proxy/acme.py ``Http01Answers``) while ACME runs, else None:
-        # the plain listener answers /.well-known/acme-challenge/ from it.
-        self.acme_http01: Any = None
+        # The edge features (proxy/edge.py: TLS, PROXY protocol, redirect), when configured;
+        # set by the composition root, read by the admin API and an ACME component.
+        self.edge: Any = None
         self.apply_config(config, stores)
 
     # -- tasks ----------------------------------------------------------------------------
@@ -95,12 +97,17 @@ class ProxyServer:
     # -- listening ------------------------------------------------------------------------
 
     async def start(
-        self, protocol: Callable[[ProxyServer], object], sock: socket.socket | None = None
+        self, protocol: Callable[[ProxyServer], object] | None, sock: socket.socket | None = None
     ) -> None:
         """Start accepting connections served by ``protocol(self)`` (the listener's
         ``ClientConnection``, passed in by the composition root: the server never imports
-        the request path), on ``sock`` if given (workers share one), else on ``listen``."""
+        the request path), on ``sock`` if given (workers share one), else on ``listen``.
+        With ``protocol`` None, the listeners are the edge's (``adopt``): only the
+        sweeper starts."""
         _untrack_transports(self.loop)
+        if protocol is None:
+            self.spawn(self._sweeper(), name="sweeper")
+            return
         # The class itself as the factory: a lambda would add a Python call per connection.
         factory = cast("Callable[[], asyncio.Protocol]", functools.partial(protocol, self))
         if sock is None:
@@ -116,6 +123,11 @@ class ProxyServer:
             srv = await self.loop.create_server(factory, sock=sock, backlog=2048)
         self._servers.append(srv)
         self.spawn(self._sweeper(), name="sweeper")
+
+    def adopt(self, listener: Any) -> None:
+        """A listener started elsewhere (proxy/edge.py), closed with the others; it has
+        ``close()``, ``wait_closed()`` and ``sockets`` like an ``asyncio.Server``."""
+        self._servers.append(listener)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -32,10 +32,10 @@ class Settings:
     idle_timeout: float
     connect_timeout: float
     trusted: tuple[IPNetwork, ...]
-    # Response header lines per color, built once: the served color, and with the sticky
-    # cookie for weighted picks.
+    # Response header lines per color, built once: the served color; and the sticky
+    # cookie's line, ``% bucket``, added to a client's first response under a split.
     color_extra: dict[Color, bytes]
-    sticky_extra: dict[Color, bytes]
+    sticky_set: bytes
     # The plain-head reader declines a request carrying the override header before it
     # knows the service; it can only do so when every service names the same header.
     fast: bool = True
@@ -92,11 +92,8 @@ def build_settings(
         connect_timeout=per_service.connect,
         trusted=tuple(config.trusted_proxies),
         color_extra=color_extra,
-        sticky_extra={
-            c: color_extra[c]
-            + b"Set-Cookie: %s=%s; Path=/; HttpOnly; SameSite=Lax\r\n"
-            % (routing.sticky_cookie.encode(), c.value.encode())
-            for c in COLORS
-        },
+        sticky_set=b"Set-Cookie: "
+        + routing.sticky_cookie.encode().replace(b"%", b"%%")  # a token may hold '%'
+        + b"=%d; Path=/; HttpOnly; SameSite=Lax\r\n",
         fast=len({svc.routing.override_header.lower() for svc in config.services}) <= 1,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +65,72 @@ class Weights:
         return {"blue": self.blue, "green": self.green}
 
 
+# Rollout states: the first three are running (a driver advances or holds them).
+RUNNING = ("progressing", "paused", "waiting_promotion")
+ENDED = ("promoted", "aborted", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """A progressive rollout of ``color``: where it is, as the shared state records it.
+
+    The driver's live figures (requests seen at the step, the last verdict) are not here:
+    they are per process and change every evaluation, while this changes only when the
+    weights or the rollout's state do (each such change is a new generation)."""
+
+    color: Color  # the new color; the other one is the stable color
+    steps: tuple[int, ...]  # the new color's weight at each step; the last is 100
+    step: int  # index into steps of the step in force
+    state: str  # one of RUNNING or ENDED
+    step_interval: float
+    auto_promote: bool
+    started_at: float  # wall clock
+    step_started_at: float  # wall clock; while paused, ``now - elapsed`` on resume
+    elapsed: float = 0.0  # time spent at the step when paused
+    ended_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING
+
+    @property
+    def weight(self) -> int:
+        return self.steps[self.step]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "color": self.color.value,
+            "steps": list(self.steps),
+            "step": self.step,
+            "state": self.state,
+            "step_interval": self.step_interval,
+            "auto_promote": self.auto_promote,
+            "started_at": self.started_at,
+            "step_started_at": self.step_started_at,
+            "elapsed": self.elapsed,
+            "ended_at": self.ended_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rollout:
+        color = Color.parse(data["color"])
+        if color is None:
+            raise ValueError(f"bad rollout color {data['color']!r}")
+        ended = data.get("ended_at")
+        return cls(
+            color=color,
+            steps=tuple(int(w) for w in data["steps"]),
+            step=int(data["step"]),
+            state=str(data["state"]),
+            step_interval=float(data["step_interval"]),
+            auto_promote=bool(data["auto_promote"]),
+            started_at=float(data["started_at"]),
+            step_started_at=float(data["step_started_at"]),
+            elapsed=float(data.get("elapsed", 0.0)),
+            ended_at=float(ended) if ended is not None else None,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingState:
     """One immutable routing snapshot. ``previous_*`` is what /rollback restores."""
@@ -75,6 +142,9 @@ class RoutingState:
     previous_weights: Weights | None = None
     changed_at: float = 0.0  # wall-clock seconds
     reason: str = ""  # why the last change happened; WebSocket handoff messages carry it
+    # The progressive rollout this snapshot is part of (or the last one, ended); it
+    # travels with the weights, so every instance and worker sees both in one record.
+    rollout: Rollout | None = None
 
     @classmethod
     def initial(cls, active: Color) -> RoutingState:
@@ -91,6 +161,7 @@ class RoutingState:
             "previous_weights": self.previous_weights.as_dict() if self.previous_weights else None,
             "changed_at": self.changed_at,
             "reason": self.reason,
+            "rollout": self.rollout.to_dict() if self.rollout is not None else None,
         }
 
     @classmethod
@@ -108,6 +179,7 @@ class RoutingState:
             previous_weights=Weights(int(prev_w["blue"]), int(prev_w["green"])) if prev_w else None,
             changed_at=float(data.get("changed_at", 0.0)),
             reason=str(data.get("reason", "")),
+            rollout=Rollout.from_dict(data["rollout"]) if data.get("rollout") else None,
         )
 
 
@@ -140,7 +212,30 @@ class StoreUnavailable(StateError):
     code = "store_unavailable"
 
 
+class NoRollout(StateError):
+    code = "no_rollout"
+
+
+class RolloutInProgress(StateError):
+    code = "rollout_in_progress"
+
+
+class AlreadyLive(StateError):
+    code = "already_live"
+
+
+class InvalidRollout(StateError):
+    code = "bad_rollout"
+
+
 # --- pure transitions (table-tested; no I/O) --------------------------------------------
+
+
+def _cancelled(rollout: Rollout | None, now: float) -> Rollout | None:
+    """A manual change ends a running rollout: the operator took the wheel."""
+    if rollout is None or not rollout.running:
+        return rollout
+    return dataclasses.replace(rollout, state="cancelled", ended_at=now)
 
 
 def _next(state: RoutingState, active: Color, weights: Weights, now: float) -> RoutingState:
@@ -152,13 +247,14 @@ def _next(state: RoutingState, active: Color, weights: Weights, now: float) -> R
         previous=state.active,
         previous_weights=state.weights,
         changed_at=now,
+        rollout=_cancelled(state.rollout, now),
     )
 
 
 def switch_to(state: RoutingState, color: Color, now: float) -> RoutingState | None:
     """Make ``color`` live with weights 100/0; None when that is already the state (no-op)."""
     target = Weights.all_to(color)
-    if state.active is color and state.weights == target:
+    if state.active is color and state.weights == target and not _running(state):
         return None
     return _next(state, color, target, now)
 
@@ -176,6 +272,133 @@ def roll_back(state: RoutingState, now: float) -> RoutingState:
         raise NothingToRollBack("there is no previous state to roll back to")
     weights = state.previous_weights or Weights.all_to(state.previous)
     return _next(state, state.previous, weights, now)
+
+
+# --- rollouts (pure too) -------------------------------------------------------------------
+
+
+def _running(state: RoutingState) -> bool:
+    return state.rollout is not None and state.rollout.running
+
+
+def split(color: Color, weight: int) -> tuple[Color, Weights]:
+    """The active color and weights that give ``color`` ``weight`` percent (the heavier
+    color is active, blue on a tie, as for ``set_weights``)."""
+    if weight >= 100:
+        return color, Weights.all_to(color)
+    w = Weights(100 - weight, weight) if color is Color.GREEN else Weights(weight, 100 - weight)
+    return (Color.BLUE if w.blue >= w.green else Color.GREEN), w
+
+
+def steps_problem(steps: tuple[int, ...]) -> str | None:
+    """Why ``steps`` is not a valid list of rollout weights, or None."""
+    if not steps:
+        return "must list at least one weight"
+    if any(not 1 <= w <= 100 for w in steps):
+        return "each weight must be an integer from 1 to 100"
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        return "weights must increase from step to step"
+    if steps[-1] != 100:
+        return "the last step must be 100"
+    return None
+
+
+def _at(state: RoutingState, rollout: Rollout, now: float) -> RoutingState:
+    """The snapshot for ``rollout`` in force. ``previous`` is the stable color at 100, so
+    a /rollback during or right after a rollout returns to where it started."""
+    if rollout.state == "promoted":
+        active, weights = rollout.color, Weights.all_to(rollout.color)
+    elif rollout.state == "aborted":
+        active, weights = rollout.color.other, Weights.all_to(rollout.color.other)
+    else:
+        active, weights = split(rollout.color, rollout.weight)
+    stable = rollout.color.other
+    return dataclasses.replace(
+        state,
+        generation=state.generation + 1,
+        active=active,
+        weights=weights,
+        previous=stable,
+        previous_weights=Weights.all_to(stable),
+        changed_at=now,
+        rollout=rollout,
+    )
+
+
+def start_rollout(
+    state: RoutingState,
+    color: Color,
+    steps: tuple[int, ...],
+    step_interval: float,
+    auto_promote: bool,
+    now: float,
+) -> RoutingState:
+    """Weights to the first step; a step below the weight ``color`` already has is skipped
+    (moving clients off the new color and back would be the flapping rollouts avoid)."""
+    if _running(state):
+        raise RolloutInProgress("a rollout is running: promote or abort it first")
+    problem = steps_problem(steps)
+    if problem is not None:
+        raise InvalidRollout(f"steps: {problem}")
+    if state.weights.of(color) == 100:
+        raise AlreadyLive(f"{color.value} already has all the traffic")
+    have = state.weights.of(color) * 100 // max(1, state.weights.blue + state.weights.green)
+    first = next(i for i, w in enumerate(steps) if w >= have)
+    rollout = Rollout(color, steps, first, "progressing", step_interval, auto_promote, now, now)
+    if rollout.weight == 100:
+        rollout = dataclasses.replace(rollout, state="promoted", ended_at=now)
+    return _at(state, rollout, now)
+
+
+def _need_running(state: RoutingState) -> Rollout:
+    if state.rollout is None or not state.rollout.running:
+        raise NoRollout("no rollout is running")
+    return state.rollout
+
+
+def advance_rollout(state: RoutingState, now: float) -> RoutingState:
+    """The step in force passed: the next one, or the end (promoted, or held below 100
+    waiting for a promote when ``auto_promote`` is off)."""
+    r = _need_running(state)
+    nxt = r.step + 1
+    if nxt >= len(r.steps) or r.steps[nxt] == 100:
+        if not r.auto_promote:
+            new = dataclasses.replace(r, state="waiting_promotion")
+            return dataclasses.replace(
+                state, generation=state.generation + 1, changed_at=now, rollout=new
+            )
+        return _promoted(state, r, now)
+    return _at(state, dataclasses.replace(r, step=nxt, step_started_at=now), now)
+
+
+def pause_rollout(state: RoutingState, now: float) -> RoutingState | None:
+    r = _need_running(state)
+    if r.state != "progressing":
+        return None  # paused already, or holding for a promote: nothing to pause
+    new = dataclasses.replace(r, state="paused", elapsed=max(0.0, now - r.step_started_at))
+    return dataclasses.replace(state, generation=state.generation + 1, changed_at=now, rollout=new)
+
+
+def resume_rollout(state: RoutingState, now: float) -> RoutingState | None:
+    r = _need_running(state)
+    if r.state != "paused":
+        return None
+    new = dataclasses.replace(r, state="progressing", step_started_at=now - r.elapsed, elapsed=0.0)
+    return dataclasses.replace(state, generation=state.generation + 1, changed_at=now, rollout=new)
+
+
+def _promoted(state: RoutingState, r: Rollout, now: float) -> RoutingState:
+    last = len(r.steps) - 1
+    return _at(state, dataclasses.replace(r, step=last, state="promoted", ended_at=now), now)
+
+
+def promote_rollout(state: RoutingState, now: float) -> RoutingState:
+    return _promoted(state, _need_running(state), now)
+
+
+def abort_rollout(state: RoutingState, now: float) -> RoutingState:
+    r = _need_running(state)
+    return _at(state, dataclasses.replace(r, state="aborted", ended_at=now), now)
 
 
 # --- events ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ cdef class FrameTracker:
     cdef public Py_ssize_t _want
     cdef public bint in_message
     cdef public bint close_seen
+    cdef public Py_ssize_t messages
 
     @cython.locals(n=Py_ssize_t, b0=int, b1=int, ln=Py_ssize_t, opcode=int, pos=Py_ssize_t,
                    need=Py_ssize_t, take=Py_ssize_t)
@@ -29,11 +30,12 @@ cdef class WebSocketRelay:
     cdef public double close_deadline
     cdef public bint closing
     cdef public FrameTracker down
+    cdef public str ended_by
     cdef public bint reconnect_sent
     cdef public FrameTracker up
     cdef public UpstreamConnection upstream
 
-    @cython.locals(off=Py_ssize_t)
+    @cython.locals(off=Py_ssize_t, down=FrameTracker)
     cpdef from_upstream(self, bytes data)
     @cython.locals(up=FrameTracker)
     cpdef from_client(self, bytes data)

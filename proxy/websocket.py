@@ -28,7 +28,7 @@ CLOSE_BAD_GATEWAY = 1014
 class FrameTracker:
     """Follows one direction's frame boundaries incrementally, header bytes only."""
 
-    __slots__ = ("_hdr", "_remaining", "_want", "close_seen", "in_message")
+    __slots__ = ("_hdr", "_remaining", "_want", "close_seen", "in_message", "messages")
 
     def __init__(self) -> None:
         self._remaining = 0  # payload bytes of the current frame still to pass
@@ -36,6 +36,7 @@ class FrameTracker:
         self._want = 0  # header length once known (0: not yet)
         self.in_message = False  # inside a fragmented data message
         self.close_seen = False
+        self.messages = 0  # data messages begun to end (their final frame started)
 
     @property
     def at_frame_boundary(self) -> bool:
@@ -59,6 +60,8 @@ class FrameTracker:
                 opcode = b0 & 0x0F
                 if opcode < 0x8:
                     self.in_message = not (b0 & 0x80)
+                    if b0 & 0x80:
+                        self.messages += 1
                 elif opcode == OP_CLOSE:
                     self.close_seen = True
                 return -1
@@ -102,6 +105,8 @@ class FrameTracker:
         opcode = b0 & 0x0F
         if opcode < 0x8:  # data frames move the message state; control frames do not
             self.in_message = not (b0 & 0x80)
+            if b0 & 0x80:
+                self.messages += 1
         elif opcode == OP_CLOSE:
             self.close_seen = True
         self._hdr = b""
@@ -142,6 +147,7 @@ class WebSocketRelay:
         "close_deadline",
         "closing",
         "down",
+        "ended_by",
         "reconnect_sent",
         "up",
         "upstream",
@@ -157,6 +163,9 @@ class WebSocketRelay:
         self.reconnect_sent = False
         self.close_deadline = 0.0
         self._done = False
+        # Who ended the session, for its log line: client, upstream, handoff (our 1012
+        # after a switch) or shutdown (our 1001); the first to close decides.
+        self.ended_by = ""
 
     # -- relaying -------------------------------------------------------------------------
 
@@ -164,10 +173,15 @@ class WebSocketRelay:
         if self.closing:
             return  # after our close frame nothing more may reach the client
         if not self._pending:
-            self.down.feed(data)
+            down = self.down
+            down.feed(data)
             self.client.write(data)
+            if down.close_seen and not self.ended_by:
+                self.ended_by = "upstream"
             return
         off = self.down.feed(data, want_boundary=True)
+        if self.down.close_seen and not self.ended_by:
+            self.ended_by = "upstream"
         if off < 0:
             self.client.write(data)
             return
@@ -180,6 +194,8 @@ class WebSocketRelay:
         up = self.up
         up.feed(data)
         self.upstream.send(data)
+        if up.close_seen and not self.ended_by:
+            self.ended_by = "client"
         if self.closing and up.close_seen and up.at_frame_boundary and not self._done:
             # The client answered our close: the handshake is done on both legs.
             self._done = True
@@ -195,6 +211,8 @@ class WebSocketRelay:
         """Close towards the client with ``code`` and tell the upstream the client left."""
         if self.closing:
             return
+        if not self.ended_by:
+            self.ended_by = "handoff" if code == CLOSE_SERVICE_RESTART else "shutdown"
         self._inject(close_frame(code, reason, mask=False))
 
     def _inject(self, data: bytes) -> None:
@@ -215,10 +233,14 @@ class WebSocketRelay:
 
     def upstream_lost(self) -> None:
         """The upstream went away: a close frame beats a bare TCP reset (1006)."""
+        if not self.ended_by:
+            self.ended_by = "upstream"
         if not self.closing and not self.down.close_seen and self.down.at_message_boundary:
             self.client.write(close_frame(CLOSE_BAD_GATEWAY, "upstream went away", mask=False))
         self.closing = True
 
     def client_lost(self) -> None:
+        if not self.ended_by:
+            self.ended_by = "client"
         if not self.up.close_seen and self.up.at_message_boundary:
             self.upstream.send(close_frame(CLOSE_GOING_AWAY, "client went away", mask=True))

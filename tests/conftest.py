@@ -488,3 +488,38 @@ class ProxyProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+
+
+# --- a hook receiver ---------------------------------------------------------------------------
+
+StartApp = Callable[[web.Application], Awaitable[str]]
+
+
+class Receiver:
+    """What a hook endpoint got, and how it answers (status, or hang)."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        self.status = 200
+        self.hang = False
+        self.arrived = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def hook(request: web.Request) -> web.Response:
+            body = await request.json()
+            self.got.append({"path": request.path, **body})
+            self.arrived.set()
+            if self.hang:  # longer than any hook timeout here, short enough for teardown
+                await asyncio.sleep(3)
+            return web.json_response({}, status=self.status)
+
+        app = web.Application()
+        app.router.add_post("/{name}", hook)
+        return app
+
+    async def wait(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        async with asyncio.timeout(timeout):
+            while len(self.got) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.got

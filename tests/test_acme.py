@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def acme_config(
         "admin": {"listen": "127.0.0.1:0"},
         "services": {"shop": {"hosts": hosts or [SHOP], "upstreams": ups}},
         "tls": {
+            "listen": "127.0.0.1:0",
             "acme": {
                 "directory": directory or pebble.directory_url,
                 "email": "ops@example.test",
@@ -83,6 +85,32 @@ async def wait_state(run: Running, domain: str, state: str, timeout: float = 30)
             await asyncio.sleep(0.05)
 
 
+def installed(run: Running, domain: str) -> tuple[bytes, bytes]:
+    """The chain and key the TLS listener serves for ``domain``: ACME's, not a file's."""
+    assert run.server.edge is not None
+    cert = run.server.edge.certs.select(domain)
+    assert cert is not None and cert.source == "acme" and cert.pem is not None
+    return cert.pem
+
+
+async def served_leaf(run: Running, domain: str) -> bytes:
+    """The certificate (DER) a TLS client asking for ``domain`` by SNI is given."""
+    host, port = run.tls_address
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # what is served is the question, not whom it chains to
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=ctx, server_hostname=domain), 5
+    )
+    try:
+        der: bytes = writer.get_extra_info("ssl_object").getpeercert(True)
+        writer.write(f"GET / HTTP/1.1\r\nHost: {domain}\r\nConnection: close\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    return der
+
+
 def leaf_of(chain: bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(chain)
 
@@ -109,7 +137,9 @@ async def test_orders_at_start_and_the_proxy_answers_http01(
         status = run.acme.status()
         assert status["account"].startswith(f"https://127.0.0.1:{pebble.port}/")
         assert entry["source"] == "acme" and entry["last_error"] is None
-        installed = run.server.acme_http01.installed[SHOP]
+        served = installed(run, SHOP)
+        # A client asking for the domain by SNI gets the new certificate, without a restart.
+        leaf = await served_leaf(run, SHOP)
         host, port = run.admin_address
         async with (
             aiohttp.ClientSession() as session,
@@ -118,7 +148,8 @@ async def test_orders_at_start_and_the_proxy_answers_http01(
             shown = (await resp.json())["tls"]["acme"]
         assert shown["domains"][SHOP]["state"] == "valid"
         assert shown["directory"] == pebble.directory_url and shown["storage"] == "file"
-        assert run.server.acme_http01.http01 == {}  # tokens gone once the order ended
+        assert run.server.edge is not None
+        assert run.server.edge.certs.http01 == {}  # tokens gone once the order ended
     # Pebble fetched the token from the proxy's plain listener, by the domain's name.
     fetched = pebble.validations()
     assert fetched and all(
@@ -127,8 +158,9 @@ async def test_orders_at_start_and_the_proxy_answers_http01(
     )
     chain = (storage / "certs" / SHOP / "fullchain.pem").read_bytes()
     key = (storage / "certs" / SHOP / "key.pem").read_bytes()
-    assert installed == (chain, key)
+    assert served == (chain, key)
     cert = check_issued(chain, key, SHOP, pebble)
+    assert leaf == cert.public_bytes(serialization.Encoding.DER)
     assert entry["not_after"] == cert.not_valid_after_utc.isoformat()
     for secret in ("account.key", f"certs/{SHOP}/key.pem"):
         assert os.stat(storage / secret).st_mode & 0o777 == 0o600
@@ -146,7 +178,7 @@ async def test_a_restart_serves_the_stored_certificate_without_ordering(
     async with started(acme_config(pebble, upstreams, storage)) as run:
         await wait_state(run, SHOP, "valid")
         assert run.acme is not None and run.acme.orders == 0
-        assert run.server.acme_http01.installed[SHOP][0] == chain
+        assert installed(run, SHOP)[0] == chain
         await run.acme._connect()  # the stored account key finds the same account
         assert run.acme.status()["account"] == account
 
@@ -167,7 +199,7 @@ async def test_a_damaged_stored_certificate_is_ordered_again(
     async with started(acme_config(pebble, upstreams, storage)) as run:
         await wait_state(run, SHOP, "valid")
         assert run.acme is not None and run.acme.orders == 1
-        chain, key = run.server.acme_http01.installed[SHOP]
+        chain, key = installed(run, SHOP)
     check_issued(chain, key, SHOP, pebble)
 
 
@@ -224,14 +256,15 @@ async def test_an_acme_server_that_is_down_is_retried_with_backoff(
         pebble.stop()
 
 
-async def test_unknown_token_is_404_and_other_paths_are_proxied(
+async def test_a_token_bgproxy_does_not_hold_is_proxied_to_the_app(
     pebble: Pebble, upstreams: dict[str, Upstream], tmp_path: Path
 ) -> None:
     async with started(acme_config(pebble, upstreams, tmp_path / "acme")) as run:
         await wait_state(run, SHOP, "valid")
         host, port = run.proxy_address
+        # An app may run its own ACME client: bgproxy answers only the tokens it holds.
         for path, expect in (
-            ("/.well-known/acme-challenge/nope", b"HTTP/1.1 404"),
+            ("/.well-known/acme-challenge/nope", b"HTTP/1.1 200"),
             ("/.well-known/other", b"HTTP/1.1 200"),
         ):
             reader, writer = await asyncio.open_connection(host, port)
@@ -258,8 +291,8 @@ async def test_a_redis_fleet_orders_each_domain_once_and_shares_it(
             await wait_state(run, shared, "valid")
         assert a.acme is not None and b.acme is not None
         assert a.acme.orders + b.acme.orders == 3  # a, b and shared once
-        served_a = a.server.acme_http01.installed[shared][0]
-        served_b = b.server.acme_http01.installed[shared][0]
+        served_a = installed(a, shared)[0]
+        served_b = installed(b, shared)[0]
         assert leaf_of(served_a).serial_number == leaf_of(served_b).serial_number
         assert a.acme.status()["storage"] == "redis"
         assert b.acme.status()["account"] == a.acme.status()["account"]  # one account
@@ -276,6 +309,13 @@ def test_acme_config_errors_name_their_key() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({**base, "tls": {"acme": {"directory": "https://acme.test/dir"}}})
     assert info.value.errors == [
+        "tls.acme: needs tls.listen (the HTTPS listener that serves what it obtains)"
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {**base, "tls": {"listen": "0.0.0.0:8443", "acme": {"directory": "https://acme.test/dir"}}}
+        )
+    assert info.value.errors == [
         "tls.acme.domains: nothing to order: list domains, or give services exact host names"
     ]
     bad = {
@@ -287,7 +327,7 @@ def test_acme_config_errors_name_their_key() -> None:
         "ca_file": "/nonexistent/ca.pem",
     }
     with pytest.raises(ConfigError) as info:
-        parse_config({**base, "tls": {"acme": bad}})
+        parse_config({**base, "tls": {"listen": "127.0.0.1:0", "acme": bad}})
     assert sorted(info.value.errors) == sorted(
         [
             "tls.acme.ca_file: file not found: '/nonexistent/ca.pem'",
@@ -308,7 +348,10 @@ def test_acme_config_errors_name_their_key() -> None:
                     "upstreams": base["upstreams"],
                 }
             },
-            "tls": {"acme": {"directory": "https://acme.test/dir", "renew_before": "10d"}},
+            "tls": {
+                "listen": "127.0.0.1:0",
+                "acme": {"directory": "https://acme.test/dir", "renew_before": "10d"},
+            },
         }
     )
     assert cfg.acme_domains() == ("shop.example.test",)
@@ -320,7 +363,8 @@ def test_acme_with_workers_is_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     path.write_text(
         "upstreams: {blue: {targets: ['http://127.0.0.1:9001']},"
         " green: {targets: ['http://127.0.0.1:9002']}}\n"
-        "tls: {acme: {directory: 'https://acme.test/dir', domains: [shop.example.test]}}\n"
+        "tls: {listen: '127.0.0.1:0',\n"
+        "      acme: {directory: 'https://acme.test/dir', domains: [shop.example.test]}}\n"
     )
     assert main_serve(str(path), 2) == 2
     assert "tls.acme: not supported with --workers" in capsys.readouterr().err

@@ -363,3 +363,68 @@ async def test_roll_back_is_disabled_right_after_an_automatic_rollback(
     finally:
         await blue.runner.cleanup()
         await green.runner.cleanup()
+
+
+# --- rollouts: the step bar, the live figures and the buttons ----------------------------------
+
+
+async def test_the_rollout_card_shows_the_steps_and_its_buttons_drive_it(
+    browser: Browser, upstreams: dict[str, Upstream], start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(
+        config_dict(
+            [upstreams["blue"].url],
+            [upstreams["green"].url],
+            rollback={"interval": "200ms", "min_requests": 3, "max_error_rate": 0.05},
+            rollout={"steps": [10, 50, 100], "step_interval": "1500ms"},
+        )
+    )
+    page, console = await open_dashboard(browser, proxy)
+    await expect(page.locator("#ro-state")).to_have_text("IDLE")
+    await expect(page.locator("#ro-steps li")).to_have_count(0)
+    await expect(page.locator("#ro-promote")).to_be_hidden()
+
+    async def traffic() -> None:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+            while True:
+                async with s.get(proxy.url + "/") as r:
+                    await r.read()
+
+    load = asyncio.create_task(traffic())
+    try:
+        await page.locator("#ro-start").click()
+        dialog = page.locator("#confirm")
+        await expect(dialog).to_be_visible()
+        await dialog.get_by_role("button", name="Roll out green").click()
+        steps = page.locator("#ro-steps li")
+        await expect(steps).to_have_count(3)
+        await expect(page.locator("#ro-state")).to_have_text("PROGRESSING")
+        # Step 1 current with its time left, the others to come.
+        await expect(steps.nth(0)).to_have_attribute("data-state", "current")
+        left = re.compile(r"10%\s*(\d+(\.\d+)?\s*(ms|s) left|held)")
+        await expect(steps.nth(0)).to_contain_text(left)
+        await expect(steps.nth(2)).to_have_attribute("data-state", "todo")
+        # Live figures of the step against the limits.
+        await expect(page.locator("#ro-body")).to_contain_text("requests", timeout=5000)
+        await expect(page.locator("#ro-body")).to_contain_text("≤ 5.0%")
+        # It moves on by itself: step 1 done, step 2 current.
+        await expect(steps.nth(0)).to_have_attribute("data-state", "done", timeout=5000)
+        await expect(steps.nth(1)).to_have_attribute("data-state", "current")
+        await page.locator("#ro-pause").click()
+        await dialog.get_by_role("button", name="Pause").click()
+        await expect(page.locator("#ro-state")).to_have_text("PAUSED")
+        await expect(steps.nth(1)).to_contain_text("paused")
+        await expect(page.locator("#ro-resume")).to_be_visible()
+        await page.locator("#ro-promote").click()
+        await dialog.get_by_role("button", name="Promote").click()
+        await expect(page.locator("#ro-state")).to_have_text("PROMOTED")
+        await expect(page.locator("#ro-steps li[data-state=done]")).to_have_count(3)
+        await expect(page.locator("#active-color")).to_have_text("GREEN")
+        await expect(page.locator("#ro-start")).to_have_text("Start rollout to blue")
+    finally:
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await load
+    s = await status_of(proxy)
+    assert s["weights"] == {"blue": 0, "green": 100} and s["rollout"]["state"] == "promoted"
+    assert console.errors == []

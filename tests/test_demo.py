@@ -5,6 +5,7 @@ Ctrl-C stops everything with exit 0."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -81,6 +82,7 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         assert f"bgproxy --admin {admin} switch green" in text
         assert f"bgproxy --admin {admin} switch green --service api" in text
         assert "X-Bg-Color: green" in text
+        assert f"bgproxy --admin {admin} rollout green --wait" in text
         for p in app_ports:
             assert f"http://127.0.0.1:{p}/" in text
 
@@ -113,9 +115,13 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
                 assert "hello from green (api v2)" in await resp.text()
             async with session.get(proxy + "/", headers=shop) as resp:
                 assert "hello from blue (shop v1)" in await resp.text()
-            code, out, err = await cli("--admin", admin, "switch", "green", "--reason", "demo")
+            # A rollout of shop starts at its first step, with the demo's load behind it.
+            code, out, err = await cli("--admin", admin, "rollout", "green", "--reason", "demo")
             assert code == 0, err
-            assert "shop: blue -> green" in out
+            assert "shop: blue -> split blue 90 / green 10" in out
+            assert "rollout     step 1/4  green 10%" in out
+            code, out, err = await cli("--admin", admin, "promote")
+            assert code == 0, err
             async with session.get(proxy + "/") as resp:
                 assert resp.headers["X-Bg-Color"] == "green"
                 assert "hello from green (shop v2)" in await resp.text()
@@ -124,6 +130,11 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         rest = await asyncio.wait_for(proc.stdout.read(), 15)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         assert "bgproxy demo stopped" in rest.decode()
+        # The demo logs to stdout: a JSON line per request, and the switches among them.
+        logged = [json.loads(line) for line in rest.splitlines() if line.startswith(b"{")]
+        assert any(x.get("status") == 200 and x.get("service") == "api" for x in logged)
+        assert any(x.get("event") and x["action"] == "switch" and x["service"] == "api"
+                   and x["to"] == "green" for x in logged)  # fmt: skip
         # Everything it started is gone: the ports are free again.
         for p in (port, admin_port, *app_ports):
             with socket.socket() as s:

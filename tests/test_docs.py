@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
-from config import Config, HostPort, ServiceConfig, SmokeProbe, TargetConfig, parse_config
+from config import (
+    Config,
+    HookConfig,
+    HostPort,
+    ServiceConfig,
+    SmokeProbe,
+    TargetConfig,
+    parse_config,
+)
 from config.schema import SERVICE_SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,15 +124,23 @@ def test_documented_default_is_the_real_default(key: str) -> None:
     value = yaml.safe_load(cell[1:-1])
     if "[]." in key:
         section, field = key.split("[].")
-        probe = {"path": "/probe", field: value}
-        config = parse_config(_with(MINIMAL, section, [probe]))
-        assert getattr(_get(config, section)[0], field) == getattr(SmokeProbe("/probe"), field)
+        # A list item with its required keys only, as YAML and as built in code.
+        item, built = LIST_ITEMS[section]
+        config = parse_config(_with(MINIMAL, section, [{**item, field: value}]))
+        assert getattr(_get(config, section)[0], field) == getattr(built, field)
     else:
         assert _get(parse_config(_with(MINIMAL, key, value)), key) == _get(
             parse_config(MINIMAL), key
         )
 
 
+LIST_ITEMS: dict[str, tuple[dict[str, Any], Any]] = {
+    "gates.smoke": ({"path": "/probe"}, SmokeProbe("/probe")),
+    "hooks": (
+        {"on": ["switch"], "url": "http://h.test/"},
+        HookConfig(("switch",), "http://h.test/"),
+    ),
+}
 SERVICE = {"hosts": ["a.test"], "upstreams": MINIMAL["upstreams"]}
 
 

@@ -43,14 +43,41 @@ def k8s(kind: str, name: str) -> dict[str, Any]:
 
 def test_examples_are_what_the_docs_say() -> None:
     names = sorted(p.name for p in EXAMPLES.iterdir())
-    assert names == ["bgproxy.yaml", "fleet-redis.yaml", "kubernetes.yaml", "services.yaml"]
+    assert names == [
+        "bgproxy.yaml",
+        "fleet-redis.yaml",
+        "kubernetes.yaml",
+        "rollout.yaml",
+        "services.yaml",
+        "tls.yaml",
+    ]
 
 
-@pytest.mark.parametrize("name", ["bgproxy.yaml", "fleet-redis.yaml", "services.yaml"])
+@pytest.mark.parametrize(
+    "name", ["bgproxy.yaml", "fleet-redis.yaml", "rollout.yaml", "services.yaml"]
+)
 def test_config_example_passes_bgproxy_check(name: str) -> None:
     got = bgproxy_check(EXAMPLES / name)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip().endswith(": ok")
+
+
+def test_tls_example_passes_bgproxy_check_with_its_certificates_in_place(
+    tmp_path: Path,
+) -> None:
+    """tls.yaml names files under /etc/bgproxy/tls: made here by a test CA, under tmp_path."""
+    from tlskit import TestCA
+
+    ca = TestCA(tmp_path)
+    text = (EXAMPLES / "tls.yaml").read_text(encoding="utf-8")
+    for name in ("shop.example.com", "*.example.com"):
+        ca.issue(name)
+    path = tmp_path / "tls.yaml"
+    path.write_text(text.replace("/etc/bgproxy/tls/", f"{tmp_path}/"), encoding="utf-8")
+    got = bgproxy_check(path)
+    assert got.returncode == 0, got.stderr
+    config = load_config(path)
+    assert str(config.tls.listen) == "0.0.0.0:443" and config.tls.redirect_http
 
 
 def test_kubernetes_configmap_passes_bgproxy_check(tmp_path: Path) -> None:
@@ -59,6 +86,14 @@ def test_kubernetes_configmap_passes_bgproxy_check(tmp_path: Path) -> None:
     path.write_text(embedded, encoding="utf-8")
     got = bgproxy_check(path)
     assert got.returncode == 0, got.stderr
+
+
+def test_rollout_example_overrides_per_service() -> None:
+    shop, api = load_config(EXAMPLES / "rollout.yaml").services
+    assert shop.rollout.steps == (5, 20, 50, 100) and shop.rollout.auto_promote
+    assert [h.name for h in shop.hooks] == ["ci", "chat"]
+    assert api.rollout.step_interval == 300 and not api.rollout.auto_promote
+    assert api.hooks == ()
 
 
 def test_fleet_example_shares_state_in_redis_behind_a_token() -> None:

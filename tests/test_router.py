@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.router import Decision, Reason, RequestAttrs, route
+from proxy.router import (
+    BUCKETS,
+    Decision,
+    Reason,
+    RequestAttrs,
+    cookie_bucket,
+    route,
+    sticky_bucket,
+)
 from proxy.state import Color, RoutingState, Weights
 
 B, G = Color.BLUE, Color.GREEN
@@ -77,11 +85,23 @@ CASES = [
         A("blue", allowed=False, sticky="green"),
         SPLIT_90_10,
         0.1,
-        ok(G, Reason.STICKY),
+        ok(G, Reason.STICKY, True),
     ),
-    # -- 2. weights: sticky cookie first
-    ("sticky-green-kept", A(sticky="green"), SPLIT_90_10, 0.0, ok(G, Reason.STICKY)),
-    ("sticky-blue-kept", A(sticky="blue"), SPLIT_90_10, 0.95, ok(B, Reason.STICKY)),
+    # -- 2. weights: the sticky cookie's bucket first (blue below blue's share of 10000)
+    ("bucket-0-blue", A(sticky="0"), SPLIT_90_10, 0.99, ok(B, Reason.STICKY)),
+    ("bucket-8999-blue", A(sticky="8999"), SPLIT_90_10, 0.99, ok(B, Reason.STICKY)),
+    ("bucket-9000-green", A(sticky="9000"), SPLIT_90_10, 0.0, ok(G, Reason.STICKY)),
+    ("bucket-9999-green", A(sticky="9999"), SPLIT_90_10, 0.0, ok(G, Reason.STICKY)),
+    ("bucket-4999-blue-50/50", A(sticky="4999"), SPLIT_50_50, 0.99, ok(B, Reason.STICKY)),
+    ("bucket-5000-green-50/50", A(sticky="5000"), SPLIT_50_50, 0.0, ok(G, Reason.STICKY)),
+    ("bucket-leading-zeros", A(sticky="0042"), SPLIT_90_10, 0.99, ok(B, Reason.STICKY)),
+    ("bucket-too-long-rolls", A(sticky="10000"), SPLIT_90_10, 0.95, ok(G, Reason.WEIGHTED, True)),
+    ("bucket-sign-rolls", A(sticky="-1"), SPLIT_90_10, 0.1, ok(B, Reason.WEIGHTED, True)),
+    ("bucket-unicode-digit-rolls", A(sticky="١٢"), SPLIT_90_10, 0.1, ok(B, Reason.WEIGHTED, True)),
+    ("bucket-ignored-without-split", A(sticky="9999"), BLUE_LIVE, 0.99, ok(B, Reason.ACTIVE)),
+    # An old cookie naming a color: kept there, and given a bucket on that side.
+    ("sticky-green-kept", A(sticky="green"), SPLIT_90_10, 0.0, ok(G, Reason.STICKY, True)),
+    ("sticky-blue-kept", A(sticky="blue"), SPLIT_90_10, 0.95, ok(B, Reason.STICKY, True)),
     ("sticky-garbage-rolls", A(sticky="purple"), SPLIT_90_10, 0.95, ok(G, Reason.WEIGHTED, True)),
     ("sticky-empty-rolls", A(sticky=""), SPLIT_90_10, 0.1, ok(B, Reason.WEIGHTED, True)),
     ("sticky-to-weight-0-green-ignored", A(sticky="green"), BLUE_LIVE, 0.99, ok(B, Reason.ACTIVE)),
@@ -116,3 +136,38 @@ def test_route(attrs: RequestAttrs, state: RoutingState, roll: float, expected: 
         expected.reason,
         expected.set_sticky,
     )
+
+
+def test_sticky_bucket_reads_only_plain_decimal_digits() -> None:
+    assert [sticky_bucket(v) for v in ("0", "7", "0042", "9999")] == [0, 7, 42, 9999]
+    for bad in ("", "10000", "-1", "4.2", " 42", "42 ", "x", "١٢", "+1"):
+        assert sticky_bucket(bad) == -1, bad
+
+
+@pytest.mark.parametrize("state", [SPLIT_90_10, SPLIT_50_50, SPLIT_30_70, st(G, 1, 99)])
+@pytest.mark.parametrize("roll", [0.0, 0.0999, 0.3, 0.5, 0.89999, 0.9, 0.99999])
+def test_the_cookie_set_routes_the_client_where_it_went(state: RoutingState, roll: float) -> None:
+    """Whatever set the cookie (a roll, or an old color cookie), the bucket it holds sends
+    the next request to the color this one went to."""
+    for attrs in (A(), A(sticky="blue"), A(sticky="green")):
+        first = route(attrs, state, roll)
+        if not first.set_sticky:
+            continue
+        bucket = cookie_bucket(first, state, roll)
+        assert 0 <= bucket < BUCKETS
+        again = route(A(sticky=str(bucket)), state, 0.5)
+        assert (again.color, again.reason, again.set_sticky) == (first.color, Reason.STICKY, False)
+
+
+def test_a_client_on_the_growing_color_stays_there() -> None:
+    """The monotony rollouts rely on: as green's weight grows, the buckets on green only
+    gain members; each step's share of buckets on green is its weight."""
+    previous: set[int] = set()
+    for green in (1, 10, 25, 50, 75, 99):
+        state = st(B if green < 50 else G, 100 - green, green)
+        on_green = {
+            b for b in range(0, BUCKETS, 7) if route(A(sticky=str(b)), state, 0.0).color is G
+        }
+        assert previous <= on_green
+        assert abs(len(on_green) / len(range(0, BUCKETS, 7)) - green / 100) < 0.002
+        previous = on_green

@@ -20,6 +20,7 @@ import yaml
 from redis.asyncio import Redis
 
 from admin.rollback import RollbackController
+from admin.rollout import RolloutDriver
 from admin.runner import reload_config
 from config import ConfigError, parse_config
 from conftest import (
@@ -565,7 +566,12 @@ async def test_reloads_that_add_and_remove_services_leave_nothing_behind(
     await reload_to(other)
     await reload_to(one)
     gc.collect()
-    baseline = (len(run.server._tasks), _live(RollbackController), _live(RedisStateStore))
+    baseline = (
+        len(run.server._tasks),
+        _live(RollbackController),
+        _live(RedisStateStore),
+        _live(RolloutDriver),
+    )
     for _ in range(10):
         await reload_to(other)
         await reload_to(one)
@@ -574,7 +580,12 @@ async def test_reloads_that_add_and_remove_services_leave_nothing_behind(
     # last reload's own task has let go of the services it replaced.
     for _ in range(100):
         gc.collect()
-        after = (len(run.server._tasks), _live(RollbackController), _live(RedisStateStore))
+        after = (
+            len(run.server._tasks),
+            _live(RollbackController),
+            _live(RedisStateStore),
+            _live(RolloutDriver),
+        )
         if all(a <= b for a, b in zip(after, baseline, strict=True)):
             break
         await asyncio.sleep(0.02)

@@ -523,7 +523,9 @@
     renderCharts(st);
     renderDrain(st);
     renderRollback(st);
+    renderRollout(st);
     renderInstances(st);
+    renderCertificates(st);
     renderTokenButton();
   }
 
@@ -765,6 +767,81 @@
     $("rb-body").replaceChildren(...body);
   }
 
+  const RUNNING = new Set(["progressing", "paused", "waiting_promotion"]);
+  const RO_PILLS = { progressing: "pill-busy", paused: "pill-warn", waiting_promotion: "pill-warn",
+    promoted: "pill-ok", aborted: "pill-bad", cancelled: "pill-idle", idle: "pill-idle" };
+
+  // One figure of the current step against its limit: red when over it.
+  function figure(label, value, limit, fmt) {
+    const over = num(value) && num(limit) && value > limit;
+    return h("span", {}, `${label} `, h("b", { class: over ? "figure-over" : "", text: fmt(value) }),
+      num(limit) ? h("span", { class: "muted", text: ` / ≤ ${fmt(limit)}` }) : null);
+  }
+
+  function renderRollout(st) {
+    const r = st.rollout || { state: "idle" };
+    const state = r.state || "idle";
+    const running = RUNNING.has(state);
+    pill($("ro-state"), state.replace("_", " ").toUpperCase(), RO_PILLS[state] || "pill-idle");
+    const steps = Array.isArray(r.steps) ? r.steps : [];
+    $("ro-steps").replaceChildren(...steps.map((w, i) => {
+      const n = i + 1;
+      let kind = "todo";
+      let note = "to come";
+      if (state === "promoted" || n < r.step) {
+        kind = "done";
+        note = "done";
+      } else if (n === r.step && state === "aborted") {
+        kind = "failed";
+        note = "aborted";
+      } else if (n === r.step && running) {
+        kind = "current";
+        const next = toDate(r.next_at);
+        note = state === "paused" ? "paused" : state === "waiting_promotion" ? "waiting for promote"
+          : r.held ? "held" : next ? `${fmtSpan(Math.max(0, next - Date.now()))} left` : "now";
+      }
+      return h("li", { class: `step step-${kind}`, "data-state": kind },
+        h("span", { class: "step-weight", text: `${w}%` }), h("span", { class: "step-note", text: note }));
+    }));
+    const body = [];
+    if (running) {
+      body.push(h("p", { class: "big-line" }, "rolling out ", colorName(r.color),
+        `: step ${r.step} of ${steps.length}, ${r.weight}% of traffic`));
+      const last = r.last && typeof r.last === "object" ? r.last : null;
+      const th = r.thresholds || {};
+      if (last) {
+        body.push(h("div", { class: "figures" },
+          h("span", { text: `${last.requests ?? 0} requests` }),
+          figure("errors", last.error_rate, th.max_error_rate, fmtPct),
+          figure("p99", last.p99, th.max_p99_latency, fmtLatency),
+          last.verdict ? h("span", { class: VERDICTS_OK.has(last.verdict) ? "muted" : "warn-text", text: VERDICTS[last.verdict] || last.verdict }) : null));
+      } else {
+        body.push(h("p", { class: "muted", text: r.driving === false ? "Driven by another instance of the fleet." : "No interval judged yet at this step." }));
+      }
+      if (r.held) body.push(h("p", { class: "warn-text", text: r.held }));
+    } else if (state === "idle") {
+      body.push(h("p", { class: "muted", text: "No rollout. Start one to move traffic to the other color in steps, each watched against the rollback thresholds." }));
+    } else {
+      body.push(h("p", { class: state === "aborted" ? "big-line warn-text" : "big-line" },
+        colorName(r.color), ` ${state} `, timeEl(r.ended_at)));
+    }
+    $("ro-body").replaceChildren(...body);
+    const target = st.active === "blue" && weightOf(st, "green") < 100 ? "green" : "blue";
+    $("ro-start").hidden = running;
+    $("ro-start").textContent = `Start rollout to ${target}`;
+    $("ro-start").dataset.color = target;
+    $("ro-pause").hidden = state !== "progressing";
+    $("ro-resume").hidden = state !== "paused";
+    $("ro-promote").hidden = !running;
+    $("ro-abort").hidden = !running;
+  }
+
+  function rolloutAction(verb, text) {
+    const names = { pause: "Pause", resume: "Resume", promote: "Promote", abort: "Abort" };
+    return { title: `${names[verb]} the rollout`, text, path: `/rollout/${verb}`, body: {},
+      canForce: false, button: names[verb], done: `Rollout: ${verb}` };
+  }
+
   function pair(obj) {
     const o = obj || {};
     return `${o.blue ?? 0} / ${o.green ?? 0}`;
@@ -791,6 +868,31 @@
     } else {
       $("store").hidden = true;
     }
+  }
+
+  // /status "tls": the certificates served, each with days to expiry; under 14 left
+  // is a warning (what `bgproxy check` warns about), expired is an error.
+  function renderCertificates(st) {
+    const tls = st.tls;
+    $("tls-card").hidden = !tls;
+    if (!tls) return;
+    let worst = Infinity;
+    const rows = (tls.certificates || []).map((c) => {
+      const left = (Date.parse(c.not_after) - Date.now()) / 86400000;
+      worst = Math.min(worst, left);
+      const cls = left <= 0 ? "warn-text" : left <= 14 ? "soon-text" : "";
+      const days = left <= 0 ? "expired" : String(Math.floor(left));
+      return h("tr", { class: "cert" },
+        h("td", {}, h("code", { text: (c.names || []).join(", ") })),
+        h("td", {}, h("time", { datetime: c.not_after, title: c.not_after, text: String(c.not_after).slice(0, 10) })),
+        h("td", { class: `num ${cls}`, text: days }),
+        h("td", { text: c.source === "file" && c.file ? `file ${c.file}` : (c.source ?? "") }));
+    });
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: "4", class: "muted", text: "no certificate" })));
+    $("certificates").tBodies[0].replaceChildren(...rows);
+    if (worst <= 0) pill($("tls-state"), "a certificate has EXPIRED", "pill-bad");
+    else if (worst <= 14) pill($("tls-state"), `expires in ${Math.floor(worst)} days`, "pill-warn");
+    else pill($("tls-state"), `https ${tls.listen ?? ""}`, "pill-idle");
   }
 
   function renderEvents(tableId, withService) {
@@ -848,6 +950,9 @@
     const out = [];
     const d = svc.drain || {};
     if (d.state === "draining") out.push(h("span", { class: "pill pill-busy", text: `DRAINING ${(d.color || "").toUpperCase()}` }));
+    const ro = svc.rollout || {};
+    if (RUNNING.has(ro.state)) out.push(h("span", { class: "pill pill-busy", text: `ROLLING OUT ${(ro.color || "").toUpperCase()} ${ro.weight}%${ro.state === "progressing" ? "" : " · " + ro.state.replace("_", " ").toUpperCase()}` }));
+    else if (ro.state === "aborted") out.push(h("span", { class: "pill pill-bad", text: `ROLLOUT ABORTED ${(ro.color || "").toUpperCase()}` }));
     const r = svc.rollback || {};
     if (r.state === "watching") out.push(h("span", { class: "pill pill-busy", text: `WATCHING ${(r.color || "").toUpperCase()}` }));
     else if (r.state === "rolled_back") out.push(h("span", { class: "pill pill-bad", text: `ROLLED BACK ${(r.color || "").toUpperCase()}` }));
@@ -1015,6 +1120,22 @@
         done: "Rolled back",
       });
     });
+    $("ro-start").addEventListener("click", () => {
+      const color = $("ro-start").dataset.color || "green";
+      openConfirm({
+        title: `Roll out ${color.toUpperCase()}`,
+        text: `Move traffic to ${color} in steps; each step is held while ${color}'s error rate and p99 stay within the rollback thresholds, and a failing step aborts by itself. The pre-switch gates run first.`,
+        path: "/rollout",
+        body: { color },
+        canForce: true,
+        button: `Roll out ${color}`,
+        done: `Rollout of ${color} started`,
+      });
+    });
+    $("ro-pause").addEventListener("click", () => openConfirm(rolloutAction("pause", "Hold at this step. The new color keeps its traffic and is still watched.")));
+    $("ro-resume").addEventListener("click", () => openConfirm(rolloutAction("resume", "Carry on: the step's remaining time counts again.")));
+    $("ro-promote").addEventListener("click", () => openConfirm(rolloutAction("promote", "Send all traffic to the new color now, skipping the remaining steps.")));
+    $("ro-abort").addEventListener("click", () => openConfirm(rolloutAction("abort", "Send all traffic back to the stable color now.")));
     for (const id of ["w-blue", "w-green"]) $(id).addEventListener("input", () => { app.weightsDirty = true; });
     $("weights-form").addEventListener("submit", (ev) => {
       ev.preventDefault();
