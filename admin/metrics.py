@@ -51,6 +51,7 @@ class ProxyCollector:
                 if kept is not metric:
                     kept.samples.extend(metric.samples)
         yield from families.values()
+        yield self._log_metrics()
         yield from self._tls_metrics()
 
     def _tls_metrics(self) -> Iterator[Metric]:
@@ -78,7 +79,6 @@ class ProxyCollector:
                     when = dt.datetime.fromisoformat(cert["not_after"]).timestamp()
                     expiry.add_metric([name], when)
         yield expiry
-        yield self._log_metrics()
 
     def _log_metrics(self) -> Metric:
         observer = self.control.observer

@@ -63,6 +63,14 @@ async def read_targets(path: Path, want: int, timeout: float = 5.0) -> list[str]
     raise AssertionError(f"{path}: {data!r}, not {want} lines")
 
 
+async def _all_logged(path: Path, targets: list[str], timeout: float = 0.5) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if path.exists() and set(targets) <= set(await read_targets(path, 0)):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
 async def test_logrotate_mv_then_sigusr1_moves_writing_to_the_new_file(
     tmp_path: Path, upstreams: dict[str, Upstream]
 ) -> None:
@@ -112,8 +120,8 @@ async def test_workers_under_load_share_one_file_line_by_line(
             batch = [f"/r{round_}/{i}" for i in range(30)]
             await get_all(proc.url, batch, concurrency=10)
             sent += batch
-            new = set(await read_targets(log, 0)) if log.exists() else set()
-            if set(batch) <= new:
+            # A worker writes its lines a few milliseconds after the responses: poll.
+            if await _all_logged(log, batch):
                 break
         else:
             raise AssertionError("the workers never reopened the log")
