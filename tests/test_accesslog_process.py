@@ -65,7 +65,10 @@ async def read_targets(path: Path, want: int, timeout: float = 5.0) -> list[str]
 
 async def _all_logged(path: Path, targets: list[str], timeout: float = 0.5) -> bool:
     for _ in range(int(timeout / 0.02)):
-        if path.exists() and set(targets) <= set(await read_targets(path, 0)):
+        data = _lines(path)
+        if data is not None and set(targets) <= {
+            json.loads(line)["target"] for line in data.splitlines()
+        }:
             return True
         await asyncio.sleep(0.02)
     return False
