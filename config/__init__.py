@@ -4,15 +4,14 @@ Imports nothing else of bgproxy. ``load_config``/``parse_config`` raise one
 ConfigError listing every problem as "dotted.key.path: message".
 """
 
-from .load import (
-    load_config,
-    parse_config,
+from .fields import (
     parse_duration,
     parse_host_port,
     parse_network,
     parse_size,
     parse_target,
 )
+from .load import load_config, parse_config
 from .schema import (
     AcmeConfig,
     AdminConfig,
