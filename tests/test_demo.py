@@ -80,7 +80,12 @@ class Demo:
 async def start_demo() -> AsyncIterator[Demo]:
     """``bgproxy demo`` on free ports, ready once its banner is out (everything listens)."""
     port, admin_port, tls_port, *app_ports = free_ports(7)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
+    # No admin URL or token from the environment; but the pure-Python run stays pure.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BGPROXY_") or k == "BGPROXY_PURE_PYTHON"
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
