@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument(
+        "--tls-port", type=int, default=8443, help="HTTPS, with a self-signed certificate"
+    )
+    p.add_argument(
         "--app-ports",
         default="9001,9002,9003,9004",
         help="sample app ports: shop blue,shop green,api blue,api green "
@@ -201,7 +204,9 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "demo":
         from admin.demo import main_demo
 
-        demo_code: int = main_demo(args.port, args.admin_port, args.app_ports)
+        demo_code: int = main_demo(
+            args.port, args.admin_port, args.app_ports, tls_port=args.tls_port
+        )
         return demo_code
     return _operator(args)
 

@@ -2,6 +2,8 @@
 blue and a green sample app, and the proxy, in one process; nothing else needed.
 
 ``shop`` is the default service, so a plain ``curl http://127.0.0.1:8080/`` reaches it.
+Both are served over HTTPS too (``--tls-port``, 8443), with a self-signed certificate
+made at start for localhost and the demo's hosts, and removed at exit (admin/democert.py).
 A green app can be told to fail or to be slow (``POST /_demo/chaos?fail_rate=0.5&delay=0.3``
 on its port) to watch the automatic rollback, or a rollout's abort; a light built-in load
 of cookie-less clients keeps the numbers of both services moving and lets a rollout
@@ -21,6 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from admin.democert import DemoCert, demo_certificate
 from admin.runner import StartupError, run_loop, running
 from config import ConfigError, parse_config
 
@@ -72,6 +75,7 @@ def sample_app(color: str, version: str, chaos: Chaos) -> web.Application:
 
 # The demo's two services, each fronted by its own blue and green sample app.
 SERVICES = ("shop", "api")
+HOSTS = tuple(f"{name}.localhost" for name in SERVICES)
 
 
 def parse_app_ports(text: str) -> dict[str, tuple[int, int]]:
@@ -91,10 +95,21 @@ def parse_app_ports(text: str) -> dict[str, tuple[int, int]]:
     return {"shop": (ports[0], ports[1]), "api": (ports[2], ports[3])}
 
 
-def demo_config(port: int, admin_port: int, apps: dict[str, tuple[int, int]]) -> dict[str, Any]:
-    """Two services behind one listener, chosen by Host; ``shop`` takes everything else."""
+def demo_config(
+    port: int,
+    admin_port: int,
+    apps: dict[str, tuple[int, int]],
+    tls_port: int,
+    cert: DemoCert,
+) -> dict[str, Any]:
+    """Two services behind one listener (and the HTTPS one), chosen by Host; ``shop``
+    takes everything else."""
     return {
         "listen": f"127.0.0.1:{port}",
+        "tls": {
+            "listen": f"127.0.0.1:{tls_port}",
+            "certificates": [{"cert": str(cert.cert), "key": str(cert.key)}],
+        },
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "services": {
             name: {
@@ -150,11 +165,21 @@ async def _start_app(
     return int(sockets[0].getsockname()[1]) if sockets else port
 
 
-def banner(proxy_url: str, admin_url: str, port: int, apps: dict[str, tuple[int, int]]) -> str:
+def banner(
+    proxy_url: str,
+    admin_url: str,
+    port: int,
+    apps: dict[str, tuple[int, int]],
+    tls_port: int,
+    cert: DemoCert,
+) -> str:
     admin = f"bgproxy --admin {admin_url}"
+    https = f"https://localhost:{tls_port}"
     lines = [
         "bgproxy demo is running: two services, shop and api, each with a blue and a green app",
         f"  proxy      {proxy_url}/",
+        f"  https      {https}/   (self-signed certificate, removed on exit:",
+        f"             {cert.cert})",
         f"  dashboard  {admin_url}/",
     ]
     for name, (blue, green) in apps.items():
@@ -171,6 +196,9 @@ def banner(proxy_url: str, admin_url: str, port: int, apps: dict[str, tuple[int,
         (f"curl -H 'Host: api.localhost' {proxy_url}/", "api (browsers resolve *.localhost:"),
         ("", f"open http://api.localhost:{port}/ as it is)"),
         (f"curl {proxy_url}/", "no Host matches: the default service, shop"),
+        (f"curl -k {https}/", "shop over HTTPS (-k: the certificate is self-signed)"),
+        (f"curl -k -H 'Host: api.localhost' {https}/", "api over HTTPS"),
+        (f"curl --cacert {cert.cert} {https}/", "the same, verifying the certificate"),
         (f"curl -H 'X-Bg-Color: green' {proxy_url}/", "QA reaches shop's green"),
         (f"{admin} services", "both services: live color, split, req/s"),
         (f"{admin} switch green --reason 'release v2'", "shop (the default service)"),
@@ -195,48 +223,68 @@ def banner(proxy_url: str, admin_url: str, port: int, apps: dict[str, tuple[int,
 
 
 async def run_demo(
-    port: int, admin_port: int, app_ports: dict[str, tuple[int, int]], rate: float
+    port: int,
+    admin_port: int,
+    app_ports: dict[str, tuple[int, int]],
+    rate: float,
+    tls_port: int = 8443,
 ) -> int:
     runners: list[web.AppRunner] = []
-    try:
-        apps: dict[str, tuple[int, int]] = {}
-        for name in SERVICES:
-            blue, green = app_ports[name]
-            apps[name] = (
-                await _start_app(runners, name, "blue", "v1", blue),
-                await _start_app(runners, name, "green", "v2", green),
-            )
-        config = parse_config(demo_config(port, admin_port, apps))
-        async with running(config) as run:
-            _, pport = run.proxy_address
-            _, aport = run.admin_address
-            proxy_url = f"http://127.0.0.1:{pport}"
-            admin_url = f"http://127.0.0.1:{aport}"
-            print(banner(proxy_url, admin_url, pport, apps), flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            hosts = tuple(f"{name}.localhost" for name in SERVICES)
-            load = asyncio.create_task(_load(proxy_url + "/", hosts, rate, stop), name="demo-load")
-            await stop.wait()
-            await load
-            await run.server.shutdown(2.0)
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+    # Outermost, so the certificate's directory goes whatever way the demo ends.
+    with demo_certificate(HOSTS) as cert:
+        try:
+            await _serve(runners, port, admin_port, app_ports, rate, tls_port, cert)
+        finally:
+            for runner in reversed(runners):
+                await runner.cleanup()
     print("bgproxy demo stopped", flush=True)
     return 0
 
 
-def main_demo(port: int, admin_port: int, app_ports: str, rate: float = 10.0) -> int:
+async def _serve(
+    runners: list[web.AppRunner],
+    port: int,
+    admin_port: int,
+    app_ports: dict[str, tuple[int, int]],
+    rate: float,
+    tls_port: int,
+    cert: DemoCert,
+) -> None:
+    apps: dict[str, tuple[int, int]] = {}
+    for name in SERVICES:
+        blue, green = app_ports[name]
+        apps[name] = (
+            await _start_app(runners, name, "blue", "v1", blue),
+            await _start_app(runners, name, "green", "v2", green),
+        )
+    config = parse_config(demo_config(port, admin_port, apps, tls_port, cert))
+    async with running(config) as run:
+        _, pport = run.proxy_address
+        _, aport = run.admin_address
+        _, tport = run.tls_address
+        proxy_url = f"http://127.0.0.1:{pport}"
+        admin_url = f"http://127.0.0.1:{aport}"
+        print(banner(proxy_url, admin_url, pport, apps, tport, cert), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        load = asyncio.create_task(_load(proxy_url + "/", HOSTS, rate, stop), name="demo-load")
+        await stop.wait()
+        await load
+        await run.server.shutdown(2.0)
+
+
+def main_demo(
+    port: int, admin_port: int, app_ports: str, rate: float = 10.0, tls_port: int = 8443
+) -> int:
     try:
         apps = parse_app_ports(app_ports)
     except ValueError as exc:
         print(f"bgproxy: {exc}", file=sys.stderr)
         return 2
     try:
-        return run_loop(run_demo(port, admin_port, apps, rate))
+        return run_loop(run_demo(port, admin_port, apps, rate, tls_port))
     except (StartupError, ConfigError) as exc:
         print(f"bgproxy: {exc}", file=sys.stderr)
         return getattr(exc, "code", 2)

@@ -5,11 +5,14 @@ Ctrl-C stops everything with exit 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -41,9 +44,48 @@ async def cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
-    port, admin_port, *app_ports = free_ports(6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BGPROXY_")}
+@dataclass
+class Demo:
+    """A running ``bgproxy demo`` subprocess and what its banner printed."""
+
+    proc: asyncio.subprocess.Process
+    port: int
+    admin_port: int
+    tls_port: int
+    app_ports: list[int]
+    banner: str
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def https(self) -> str:
+        return f"https://localhost:{self.tls_port}"
+
+    async def stop(self) -> str:
+        """Ctrl-C, as a user stops it: exit 0; what it printed after the banner."""
+        assert self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGINT)
+        rest = await asyncio.wait_for(self.proc.stdout.read(), 15)
+        assert await asyncio.wait_for(self.proc.wait(), 15) == 0
+        return rest.decode()
+
+
+@contextlib.asynccontextmanager
+async def start_demo() -> AsyncIterator[Demo]:
+    """``bgproxy demo`` on free ports, ready once its banner is out (everything listens)."""
+    port, admin_port, tls_port, *app_ports = free_ports(7)
+    # No admin URL or token from the environment; but the pure-Python run stays pure.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BGPROXY_") or k == "BGPROXY_PURE_PYTHON"
+    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -53,6 +95,8 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         str(port),
         "--admin-port",
         str(admin_port),
+        "--tls-port",
+        str(tls_port),
         "--app-ports",
         ",".join(str(p) for p in app_ports),
         stdout=asyncio.subprocess.PIPE,
@@ -60,11 +104,7 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
         env=env,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    proxy = f"http://127.0.0.1:{port}"
-    admin = f"http://127.0.0.1:{admin_port}"
-    shop, api = {"Host": "shop.localhost"}, {"Host": "api.localhost"}
     try:
-        # Ready when it has printed its banner: that happens once everything listens.
         banner: list[str] = []
         async with asyncio.timeout(20):
             while not banner or "Ctrl-C stops everything." not in banner[-1]:
@@ -73,7 +113,18 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
                     err = await proc.stderr.read()
                     raise AssertionError(f"demo exited early: {err.decode()}")
                 banner.append(line.decode())
-        text = "".join(banner)
+        yield Demo(proc, port, admin_port, tls_port, app_ports, "".join(banner))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
+    async with start_demo() as demo:
+        port, admin_port, app_ports = demo.port, demo.admin_port, demo.app_ports
+        proxy, admin, text = demo.proxy, demo.admin, demo.banner
+        shop, api = {"Host": "shop.localhost"}, {"Host": "api.localhost"}
         assert f"proxy      {proxy}/" in text
         assert f"dashboard  {admin}/" in text
         assert f"shop       http://shop.localhost:{port}/" in text
@@ -126,24 +177,18 @@ async def test_demo_starts_serves_flips_and_stops_on_sigint() -> None:
                 assert resp.headers["X-Bg-Color"] == "green"
                 assert "hello from green (shop v2)" in await resp.text()
 
-        proc.send_signal(signal.SIGINT)
-        rest = await asyncio.wait_for(proc.stdout.read(), 15)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
-        assert "bgproxy demo stopped" in rest.decode()
+        rest = await demo.stop()
+        assert "bgproxy demo stopped" in rest
         # The demo logs to stdout: a JSON line per request, and the switches among them.
-        logged = [json.loads(line) for line in rest.splitlines() if line.startswith(b"{")]
+        logged = [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
         assert any(x.get("status") == 200 and x.get("service") == "api" for x in logged)
         assert any(x.get("event") and x["action"] == "switch" and x["service"] == "api"
                    and x["to"] == "green" for x in logged)  # fmt: skip
         # Everything it started is gone: the ports are free again.
-        for p in (port, admin_port, *app_ports):
+        for p in (port, admin_port, demo.tls_port, *app_ports):
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", p))
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_demo_app_ports_must_be_four_or_two() -> None:

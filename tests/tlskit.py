@@ -2,16 +2,20 @@
 
 ``TestCA`` issues leaf certificates for any names and validity window, writes them as
 PEM files, and gives a client ``ssl.SSLContext`` that trusts only it: real TLS clients
-verify what the proxy serves exactly as a browser would, against this root.
+verify what the proxy serves exactly as a browser would, against this root. ``curl``
+runs the real curl binary, for tests that want a TLS client that is not Python's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import shutil
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -104,3 +108,22 @@ def served_serial(der: bytes | None) -> int:
     """The serial number of the certificate a TLS connection was served (its DER)."""
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+CURL = shutil.which("curl")
+needs_curl = pytest.mark.skipif(
+    CURL is None, reason="curl is not installed (apt-get install -y curl; .ci/run installs it)"
+)
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    """The real ``curl`` (its own OpenSSL, its own verification): exit code, stdout, stderr.
+    A subprocess the event loop awaits, since the proxy under test runs on that loop."""
+    assert CURL is not None
+    proc = await asyncio.create_subprocess_exec(
+        CURL, "-sS", "--max-time", "10", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
