@@ -44,6 +44,10 @@ def _nonblocking_copy(fd: int) -> int:
         mode = os.fstat(fd).st_mode
     except OSError:
         return os.dup(fd)
+    if stat.S_ISREG(mode):
+        # A file (``demo > out.txt``) never blocks; a duplicate shares its offset with
+        # print() and logging, where a new description would write over their text.
+        return os.dup(fd)
     flags = os.O_WRONLY | os.O_CLOEXEC | os.O_APPEND
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
         flags |= os.O_NONBLOCK

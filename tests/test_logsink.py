@@ -157,6 +157,28 @@ def test_processes_sharing_one_pipe_never_interleave(tmp_path: Path) -> None:
     _check_lines((tmp_path / "out").read_bytes(), n, dropped)
 
 
+def test_stdout_redirected_to_a_file_keeps_the_text_printed_around_the_lines(
+    tmp_path: Path,
+) -> None:
+    # `bgproxy demo > out.txt`: print() and the log sink write the same stdout; neither
+    # may write over the other (a file opened without O_APPEND has one shared offset).
+    script = (
+        "from proxy.logsink import LineSink\n"
+        "print('before', flush=True)\n"
+        "sink = LineSink('stdout')\n"
+        "sink.write_lines([b'line 1\\n', b'line 2\\n'])\n"
+        "print('after', flush=True)\n"
+        "sink.close()\n"
+    )
+    out = tmp_path / "out.txt"
+    with open(out, "w") as stdout:  # truncating, as `>` opens it
+        subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, stdout=stdout, check=True, timeout=30,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    assert out.read_text().splitlines() == ["before", "line 1", "line 2", "after"]
+
+
 async def test_a_full_disk_drops_and_counts_lines_without_raising() -> None:
     log = AccessLog(asyncio.get_running_loop(), "/dev/full")  # every write: ENOSPC
     for _ in range(10):
