@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from testca import TestCA
+from tlskit import TestCA
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ class Pebble:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca = TestCA(directory / "ca", "pebble HTTPS test CA")
-        leaf = self.ca.issue("127.0.0.1", "localhost", stem="pebble")
+        leaf = self.ca.issue("127.0.0.1", "localhost", file="pebble")
         self.port = free_port()
         self.mgmt_port = free_port()
         self.dns_port = free_port()

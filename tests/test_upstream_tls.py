@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from testca import TestCA
+from tlskit import TestCA
 
 from config import ConfigError, parse_config
 from conftest import StartProxy, Upstream, config_dict
@@ -65,7 +65,7 @@ async def start_tls() -> AsyncIterator[Any]:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         runners.append(runner)
-        leaf = ca.issue(*names, stem=f"{color}-{len(runners)}")
+        leaf = ca.issue(*names, file=f"{color}-{len(runners)}")
         site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ca.server_context(leaf, up.sni))
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

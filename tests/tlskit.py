@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import shutil
 import ssl
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
 @dataclass
 class Leaf:
     cert: Path
@@ -46,6 +54,7 @@ class TestCA:
 
     def __init__(self, directory: Path, name: str = "bgproxy test CA") -> None:
         self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = (
@@ -70,7 +79,8 @@ class TestCA:
         valid_from_days: float = -1,
         file: str | None = None,
     ) -> Leaf:
-        """A leaf for ``names`` (SAN DNS names) valid from ``valid_from_days`` to ``days``."""
+        """A leaf for ``names`` (DNS names or IP addresses), valid from
+        ``valid_from_days`` to ``days`` from now."""
         key = ec.generate_private_key(ec.SECP256R1())
         serial = x509.random_serial_number()
         start = _NOW + dt.timedelta(days=valid_from_days)
@@ -84,7 +94,7 @@ class TestCA:
             .not_valid_before(min(start, end - dt.timedelta(seconds=1)))
             .not_valid_after(end)
             .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+                x509.SubjectAlternativeName([_san(n) for n in names]), critical=False
             )
             .sign(self.key, hashes.SHA256())
         )
@@ -96,6 +106,19 @@ class TestCA:
         cert_path.write_bytes(cert_pem)
         key_path.write_bytes(key_pem)
         return Leaf(cert_path, key_path, cert_pem, key_pem, serial)
+
+    def server_context(self, leaf: Leaf, sni_seen: list[str] | None = None) -> ssl.SSLContext:
+        """A server context presenting ``leaf`` (an https upstream); the SNI names clients
+        sent go to ``sni_seen``."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(leaf.cert, leaf.key)
+        if sni_seen is not None:
+
+            def note(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+                sni_seen.append(name or "")
+
+            ctx.sni_callback = note  # type: ignore[assignment]
+        return ctx
 
     def client_context(self, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cadata=self.pem.decode())
