@@ -706,13 +706,6 @@ class Config:
                 "tls.acme.domains",
                 "nothing to order: list domains, or give services exact host names",
             )
-            # The challenge certificate lives in one process's TLS listener: a fleet
-            # would need the validator to reach the instance that ordered.
-            p.check(
-                self.tls.acme.challenge != "tls-alpn-01" or self.state.backend != "redis",
-                "tls.acme.challenge",
-                "tls-alpn-01 is not supported with state.backend: redis yet: use http-01",
-            )
         p.raise_if_any()
 
     def acme_domains(self) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ from acme import errors as acme_errors
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from josepy import b64encode
+from josepy.b64 import b64encode
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
@@ -50,8 +50,8 @@ from config import AcmeConfig
 from proxy.acme_storage import AcmeStorage
 from proxy.acme_tlsalpn import (
     TLS_ALPN_01,
+    AlpnChallenges,
     TlsAlpn01Response,
-    challenge_certificate,
     challenge_token,
     challenge_type,
 )
@@ -267,9 +267,14 @@ class AcmeManager:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="acme")
         self._tasks = Tasks()
         self._wake: dict[str, asyncio.Event] = {d: asyncio.Event() for d in self.domains}
+        self._alpn = AlpnChallenges(store)
 
     async def __aenter__(self) -> AcmeManager:
-        self._tasks.spawn(self.storage.follow_challenges(self.store.http01), name="acme-challenges")
+        # With TLS-ALPN-01, any instance of a fleet presents the challenge any other set.
+        alpn = self._alpn if self.cfg.challenge == TLS_ALPN_01 else None
+        self._tasks.spawn(
+            self.storage.follow_challenges(self.store.http01, alpn), name="acme-challenges"
+        )
         for domain in self.domains:
             self._tasks.spawn(self._keep(domain), name=f"acme:{domain}")
         return self
@@ -285,6 +290,7 @@ class AcmeManager:
         self._executor.shutdown(wait=False, cancel_futures=True)
         for token in list(self.store.http01):
             self.store.http01.pop(token, None)
+        self._alpn.clear()
         await self.storage.close()
 
     # -- status ---------------------------------------------------------------------------
@@ -443,20 +449,19 @@ class AcmeManager:
     async def _publish(self, name: str, key_authorization: str) -> None:
         """Put one challenge answer up: ``name`` is an HTTP-01 token or, for
         TLS-ALPN-01, the domain."""
-        if self.cfg.challenge == TLS_ALPN_01:
-            cert_pem, key_pem = challenge_certificate(name, key_authorization)
-            self.store.set_challenge(name, cert_pem, key_pem)
-            return
-        self.store.http01[name] = key_authorization
-        await self.storage.put_challenge(name, key_authorization, self.timing.order_deadline)
+        kind = self.cfg.challenge
+        answers = self._alpn if kind == TLS_ALPN_01 else self.store.http01
+        answers[name] = key_authorization
+        await self.storage.put_challenge(
+            name, key_authorization, self.timing.order_deadline, kind
+        )
 
     async def _withdraw(self, name: str) -> None:
-        if self.cfg.challenge == TLS_ALPN_01:
-            self.store.clear_challenge(name)
-            return
-        self.store.http01.pop(name, None)
+        kind = self.cfg.challenge
+        answers = self._alpn if kind == TLS_ALPN_01 else self.store.http01
+        answers.pop(name, None)
         with contextlib.suppress(Exception):
-            await self.storage.drop_challenge(name)
+            await self.storage.drop_challenge(name, kind)
 
     async def _hold_lock(self, domain: str) -> None:
         while True:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from typing import Any
+from collections.abc import Iterator, MutableMapping
+from typing import Any, Protocol
 
 from acme import challenges
 from cryptography import x509
@@ -21,6 +22,41 @@ from cryptography.x509.oid import NameOID, ObjectIdentifier
 TLS_ALPN_01 = "tls-alpn-01"
 # id-pe-acmeIdentifier (RFC 8737 §6.1): must be critical, must hold SHA-256(key auth).
 ACME_IDENTIFIER = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
+
+
+class ChallengeStore(Protocol):
+    def set_challenge(self, name: str, cert_pem: bytes, key_pem: bytes) -> None: ...
+
+    def clear_challenge(self, name: str) -> None: ...
+
+
+class AlpnChallenges(MutableMapping[str, str]):
+    """Domain -> key authorization, mirrored into the TLS listener as challenge
+    certificates: what this process ordered, and (through storage) what others did."""
+
+    def __init__(self, store: ChallengeStore) -> None:
+        self._store = store
+        self._answers: dict[str, str] = {}
+
+    def __setitem__(self, domain: str, key_authorization: str) -> None:
+        if self._answers.get(domain) == key_authorization:
+            return  # our own, echoed back by the fleet's channel
+        cert_pem, key_pem = challenge_certificate(domain, key_authorization)
+        self._store.set_challenge(domain, cert_pem, key_pem)
+        self._answers[domain] = key_authorization
+
+    def __delitem__(self, domain: str) -> None:
+        del self._answers[domain]
+        self._store.clear_challenge(domain)
+
+    def __getitem__(self, domain: str) -> str:
+        return self._answers[domain]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._answers)
+
+    def __len__(self) -> int:
+        return len(self._answers)
 
 
 class TlsAlpn01Response(challenges.ChallengeResponse):

@@ -387,6 +387,37 @@ async def test_a_redis_fleet_orders_each_domain_once_and_shares_it(
     assert any("b.example.test" in u for u in pebble.validations())
 
 
+async def test_a_redis_fleet_shares_tls_alpn_01_challenges(
+    upstreams: dict[str, Upstream], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # As with HTTP-01: A's TLS listener is where pebble validates, B's is not, and B
+    # alone orders b.example.test, so A must present B's challenge, through Redis.
+    pebble = Pebble(tmp_path / "pebble")
+    pebble.start()
+    state = {"backend": "redis", "redis_url": redis_server.url()}
+    a_cfg = acme_config(
+        pebble, upstreams, tmp_path / "a", port=free_port(), tls_port=pebble.tls_port,
+        domains=["a.example.test"], challenge="tls-alpn-01",
+    )  # fmt: skip
+    b_cfg = acme_config(
+        pebble, upstreams, tmp_path / "b", port=free_port(),
+        domains=["b.example.test"], challenge="tls-alpn-01",
+    )  # fmt: skip
+    try:
+        async with started({**a_cfg, "state": state}) as a, started({**b_cfg, "state": state}) as b:
+            await wait_state(a, "a.example.test", "valid")
+            await wait_state(b, "b.example.test", "valid")
+            assert a.acme is not None and b.acme is not None
+            assert (a.acme.orders, b.acme.orders) == (1, 1)
+            check_issued(*installed(b, "b.example.test"), "b.example.test", pebble)
+            for run in (a, b):
+                assert run.server.edge is not None
+                assert not run.server.edge.certs.has_challenges  # withdrawn everywhere
+    finally:
+        pebble.stop()
+    assert pebble.validations() == []
+
+
 def test_acme_config_errors_name_their_key() -> None:
     base: dict[str, Any] = {
         "upstreams": {
