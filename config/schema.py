@@ -473,9 +473,11 @@ class AcmeConfig:
             local, at, domain = self.email.partition("@")
             ok = bool(local and at and "." in domain) and " " not in self.email
             p.check(ok, "email", f"not an email address: {self.email!r}")
+        # Neither challenge can validate a wildcard (RFC 8555 §8.3, RFC 8737 §3): DNS-01 only.
+        method = "TLS-ALPN-01" if self.challenge == "tls-alpn-01" else "HTTP-01"
         for i, name in enumerate(self.domains):
             if name.startswith("*"):
-                p.check(False, f"domains[{i}]", f"HTTP-01 cannot validate a wildcard: {name!r}")
+                p.check(False, f"domains[{i}]", f"{method} cannot validate a wildcard: {name!r}")
             else:
                 ok = valid_host(name) and "." in name.strip(".") and not _is_ip(name)
                 p.check(ok, f"domains[{i}]", f"not a DNS name: {name!r}")
@@ -483,12 +485,6 @@ class AcmeConfig:
             self.challenge in ACME_CHALLENGES,
             "challenge",
             f"must be 'http-01' or 'tls-alpn-01', got {self.challenge!r}",
-        )
-        # Until the TLS listener can present a challenge certificate for it.
-        p.check(
-            self.challenge != "tls-alpn-01",
-            "challenge",
-            "tls-alpn-01 is not supported yet: use http-01",
         )
         p.check(bool(self.storage), "storage", "must name a directory")
         p.positive("renew_before", self.renew_before)

@@ -3,13 +3,16 @@
 ``AcmeManager`` keeps one task per domain. Each makes sure the domain has a certificate
 that is not due for renewal: one served from ``tls.certificates`` counts, else it loads
 the one in storage, else (or when due, ``renew_before`` its expiry) it orders one. An
-order runs HTTP-01: the key authorization of each token goes into
-``store.http01`` (which the plain listener answers at
+order answers ``tls.acme.challenge``. HTTP-01: the key authorization of each token goes
+into ``store.http01`` (which the plain listener answers at
 ``/.well-known/acme-challenge/<token>``) and into storage (for the other processes of
-a fleet), the server validates, the certificate is stored and then installed with
-``store.install``: new TLS connections get it at once, open ones keep theirs. A failed
-order is logged and retried with exponential backoff; the old certificate stays in
-use meanwhile. ``status()`` is ``/status`` ``tls.acme``.
+a fleet). TLS-ALPN-01: a challenge certificate made from the key authorization
+(proxy/acme_tlsalpn.py) is set with ``store.set_challenge``, which the TLS listener
+presents to clients offering ``acme-tls/1``. Then the server validates, the
+certificate is stored and then installed with ``store.install``: new TLS connections
+get it at once, open ones keep theirs. A failed order is logged and retried with
+exponential backoff; the old certificate stays in use meanwhile. ``status()`` is
+``/status`` ``tls.acme``.
 
 The ``acme`` library is synchronous (requests): its calls run in a thread of the
 manager's own executor, never on the event loop; the loop does the storage, the
@@ -39,11 +42,19 @@ from acme import errors as acme_errors
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from josepy.b64 import b64encode
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
 from config import AcmeConfig
 from proxy.acme_storage import AcmeStorage
+from proxy.acme_tlsalpn import (
+    TLS_ALPN_01,
+    AlpnChallenges,
+    TlsAlpn01Response,
+    challenge_token,
+    challenge_type,
+)
 from proxy.tasks import Tasks
 
 log = logging.getLogger("bgproxy.acme")
@@ -65,6 +76,11 @@ class CertificateStore(Protocol):
     def select(self, server_name: str | None) -> Any:
         """The certificate a handshake for ``server_name`` gets (``.names``,
         ``.not_after``, ``.source``), or None."""
+
+    def set_challenge(self, name: str, cert_pem: bytes, key_pem: bytes) -> None:
+        """Present a TLS-ALPN-01 certificate for ``name`` to ``acme-tls/1`` clients."""
+
+    def clear_challenge(self, name: str) -> None: ...
 
 
 @dataclass
@@ -133,7 +149,7 @@ class _Pending:
     key_pem: bytes
     answers: list[tuple[messages.ChallengeBody, challenges.ChallengeResponse, str, str]] = field(
         default_factory=list
-    )  # (challenge, response, token, key authorization)
+    )  # (challenge, response, http-01 token or tls-alpn-01 domain, key authorization)
 
 
 class AcmeClient:
@@ -190,17 +206,27 @@ class AcmeClient:
         )
         order = self._client.new_order(crypto_util.make_csr(key_pem, [domain]))
         pending = _Pending(order, key_pem)
+        wanted = self.cfg.challenge
         for authz in order.authorizations:
             if authz.body.status == messages.STATUS_VALID:
                 continue  # validated recently (servers may reuse authorizations)
             for challb in authz.body.challenges:
-                if isinstance(challb.chall, challenges.HTTP01):
+                if challenge_type(challb.chall) != wanted:
+                    continue
+                if wanted == TLS_ALPN_01:
+                    # acme 5.x has no class for it: the key authorization by hand
+                    # (RFC 8555 §8.1), the identifier it is presented for.
+                    thumbprint = b64encode(self._key.thumbprint()).decode()
+                    validation = f"{challenge_token(challb.chall)}.{thumbprint}"
+                    name = authz.body.identifier.value
+                    pending.answers.append((challb, TlsAlpn01Response(), name, validation))
+                else:
                     response, validation = challb.response_and_validation(self._key)
                     token = challb.chall.encode("token")
                     pending.answers.append((challb, response, token, validation))
-                    break
+                break
             else:
-                raise RuntimeError(f"the ACME server offers no http-01 challenge for {domain}")
+                raise RuntimeError(f"the ACME server offers no {wanted} challenge for {domain}")
         return pending
 
     def finish(self, pending: _Pending) -> bytes:
@@ -241,9 +267,14 @@ class AcmeManager:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="acme")
         self._tasks = Tasks()
         self._wake: dict[str, asyncio.Event] = {d: asyncio.Event() for d in self.domains}
+        self._alpn = AlpnChallenges(store)
 
     async def __aenter__(self) -> AcmeManager:
-        self._tasks.spawn(self.storage.follow_challenges(self.store.http01), name="acme-challenges")
+        # With TLS-ALPN-01, any instance of a fleet presents the challenge any other set.
+        alpn = self._alpn if self.cfg.challenge == TLS_ALPN_01 else None
+        self._tasks.spawn(
+            self.storage.follow_challenges(self.store.http01, alpn), name="acme-challenges"
+        )
         for domain in self.domains:
             self._tasks.spawn(self._keep(domain), name=f"acme:{domain}")
         return self
@@ -259,6 +290,7 @@ class AcmeManager:
         self._executor.shutdown(wait=False, cancel_futures=True)
         for token in list(self.store.http01):
             self.store.http01.pop(token, None)
+        self._alpn.clear()
         await self.storage.close()
 
     # -- status ---------------------------------------------------------------------------
@@ -398,11 +430,10 @@ class AcmeManager:
             if exc.typ and exc.typ.endswith("accountDoesNotExist"):
                 self._connected = False  # the server forgot us: register again next time
             raise
-        tokens = [token for _, _, token, _ in pending.answers]
+        names = [name for _, _, name, _ in pending.answers]
         try:
-            for _, _, token, validation in pending.answers:
-                self.store.http01[token] = validation
-                await self.storage.put_challenge(token, validation, self.timing.order_deadline)
+            for _, _, name, validation in pending.answers:
+                await self._publish(name, validation)
             renew = self._tasks.spawn(self._hold_lock(domain), name=f"acme-lock:{domain}")
             try:
                 chain = await self._run(self._acme.finish, pending)
@@ -411,11 +442,26 @@ class AcmeManager:
                 with contextlib.suppress(asyncio.CancelledError):
                     await renew
         finally:
-            for token in tokens:
-                self.store.http01.pop(token, None)
-                with contextlib.suppress(Exception):
-                    await self.storage.drop_challenge(token)
+            for name in names:
+                await self._withdraw(name)
         return chain, pending.key_pem
+
+    async def _publish(self, name: str, key_authorization: str) -> None:
+        """Put one challenge answer up: ``name`` is an HTTP-01 token or, for
+        TLS-ALPN-01, the domain."""
+        kind = self.cfg.challenge
+        answers = self._alpn if kind == TLS_ALPN_01 else self.store.http01
+        answers[name] = key_authorization
+        await self.storage.put_challenge(
+            name, key_authorization, self.timing.order_deadline, kind
+        )
+
+    async def _withdraw(self, name: str) -> None:
+        kind = self.cfg.challenge
+        answers = self._alpn if kind == TLS_ALPN_01 else self.store.http01
+        answers.pop(name, None)
+        with contextlib.suppress(Exception):
+            await self.storage.drop_challenge(name, kind)
 
     async def _hold_lock(self, domain: str) -> None:
         while True:

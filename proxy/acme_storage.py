@@ -8,10 +8,12 @@ Two implementations behind one protocol:
   ``challenges/<token>``. Written atomically (temporary file, then rename), keys
   0600. One process per directory orders; the lock is a no-op.
 - ``RedisStorage`` (``state.backend: redis``): the same under ``{prefix}:acme:*``, so
-  every instance serves the certificate one of them obtained. The per-domain lock is
-  ``SET NX PX`` with this instance's id, renewed while the order runs and released
-  only by its holder: a fleet orders each domain once, and a dead holder's lock
-  expires.
+  every instance serves the certificate one of them obtained. Challenges are
+  published there too (HTTP-01 by token, TLS-ALPN-01 by domain under ``alpn:*``, each
+  with its own channel), since the ACME server may validate through any instance.
+  The per-domain lock is ``SET NX PX`` with this instance's id, renewed while the
+  order runs and released only by its holder: a fleet orders each domain once, and a
+  dead holder's lock expires.
 """
 
 from __future__ import annotations
@@ -23,12 +25,16 @@ import logging
 import os
 import tempfile
 import uuid
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from redis.asyncio import Redis
 
 log = logging.getLogger("bgproxy.acme")
+
+HTTP_01 = "http-01"  # challenge kinds: HTTP-01 answers are keyed by token,
+TLS_ALPN_01 = "tls-alpn-01"  # TLS-ALPN-01 answers by domain
 
 # KEYS: lock. ARGV: holder. Deletes the lock only if we still hold it.
 _UNLOCK = """
@@ -62,15 +68,21 @@ class AcmeStorage(Protocol):
 
     async def unlock(self, domain: str) -> None: ...
 
-    async def put_challenge(self, token: str, key_authorization: str, ttl: float) -> None: ...
+    async def put_challenge(
+        self, name: str, key_authorization: str, ttl: float, kind: str = HTTP_01
+    ) -> None:
+        """Publish an answer: ``name`` is the token (HTTP-01) or the domain (TLS-ALPN-01)."""
 
-    async def drop_challenge(self, token: str) -> None: ...
+    async def drop_challenge(self, name: str, kind: str = HTTP_01) -> None: ...
 
-    async def get_challenge(self, token: str) -> str | None: ...
+    async def get_challenge(self, name: str, kind: str = HTTP_01) -> str | None: ...
 
-    async def follow_challenges(self, answers: dict[str, str]) -> None:
-        """Keep ``answers`` in step with the challenges any process publishes, until
-        cancelled: the ACME server may validate through any instance of a fleet."""
+    async def follow_challenges(
+        self, answers: MutableMapping[str, str], alpn: MutableMapping[str, str] | None = None
+    ) -> None:
+        """Keep ``answers`` (HTTP-01) and ``alpn`` (TLS-ALPN-01) in step with the
+        challenges any process publishes, until cancelled: the ACME server may validate
+        through any instance of a fleet."""
 
     async def close(self) -> None: ...
 
@@ -92,6 +104,16 @@ def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 def safe_token(token: str) -> bool:
     """An ACME token is base64url (RFC 8555 §8.1): never a path of its own."""
     return 0 < len(token) <= 256 and all(c.isalnum() or c in "-_" for c in token)
+
+
+_DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+
+
+def safe_name(name: str, kind: str) -> bool:
+    """A token for HTTP-01, a DNS name for TLS-ALPN-01 (the config checked ours)."""
+    if kind == TLS_ALPN_01:
+        return 0 < len(name) <= 253 and _DNS_CHARS.issuperset(name)
+    return safe_token(name)
 
 
 class FileStorage:
@@ -142,25 +164,30 @@ class FileStorage:
     async def unlock(self, domain: str) -> None:
         return None
 
-    async def put_challenge(self, token: str, key_authorization: str, ttl: float) -> None:
+    async def put_challenge(
+        self, name: str, key_authorization: str, ttl: float, kind: str = HTTP_01
+    ) -> None:
         # On disk too, so that another process on this host (--workers) can answer it.
-        if safe_token(token):
-            _write_atomic(self.dir / "challenges" / token, key_authorization.encode())
+        # A TLS-ALPN-01 answer is only ever presented by the process that ordered.
+        if kind == HTTP_01 and safe_token(name):
+            _write_atomic(self.dir / "challenges" / name, key_authorization.encode())
 
-    async def drop_challenge(self, token: str) -> None:
-        if safe_token(token):
+    async def drop_challenge(self, name: str, kind: str = HTTP_01) -> None:
+        if kind == HTTP_01 and safe_token(name):
             with contextlib.suppress(FileNotFoundError):
-                (self.dir / "challenges" / token).unlink()
+                (self.dir / "challenges" / name).unlink()
 
-    async def get_challenge(self, token: str) -> str | None:
-        if not safe_token(token):
+    async def get_challenge(self, name: str, kind: str = HTTP_01) -> str | None:
+        if kind != HTTP_01 or not safe_token(name):
             return None
         try:
-            return (self.dir / "challenges" / token).read_text()
+            return (self.dir / "challenges" / name).read_text()
         except FileNotFoundError:
             return None
 
-    async def follow_challenges(self, answers: dict[str, str]) -> None:
+    async def follow_challenges(
+        self, answers: MutableMapping[str, str], alpn: MutableMapping[str, str] | None = None
+    ) -> None:
         return None  # one process per directory: its own answers are all there are
 
     async def close(self) -> None:
@@ -221,39 +248,56 @@ class RedisStorage:
     async def unlock(self, domain: str) -> None:
         await self._unlock(keys=[self._key("lock", domain)], args=[self.holder])
 
-    async def put_challenge(self, token: str, key_authorization: str, ttl: float) -> None:
-        await self._redis.set(self._key("challenge", token), key_authorization, px=int(ttl * 1000))
-        await self._redis.publish(self._key("challenges"), f"+{token} {key_authorization}")
+    # Where each kind lives: (key part, channel). HTTP-01's predate TLS-ALPN-01's.
+    _PLACES: ClassVar[dict[str, tuple[str, str]]] = {
+        HTTP_01: ("challenge", "challenges"),
+        TLS_ALPN_01: ("alpn", "alpn-challenges"),
+    }
 
-    async def drop_challenge(self, token: str) -> None:
-        await self._redis.delete(self._key("challenge", token))
-        await self._redis.publish(self._key("challenges"), f"-{token}")
+    async def put_challenge(
+        self, name: str, key_authorization: str, ttl: float, kind: str = HTTP_01
+    ) -> None:
+        part, channel = self._PLACES[kind]
+        await self._redis.set(self._key(part, name), key_authorization, px=int(ttl * 1000))
+        await self._redis.publish(self._key(channel), f"+{name} {key_authorization}")
 
-    async def follow_challenges(self, answers: dict[str, str]) -> None:
-        channel = self._key("challenges")
+    async def drop_challenge(self, name: str, kind: str = HTTP_01) -> None:
+        part, channel = self._PLACES[kind]
+        await self._redis.delete(self._key(part, name))
+        await self._redis.publish(self._key(channel), f"-{name}")
+
+    async def follow_challenges(
+        self, answers: MutableMapping[str, str], alpn: MutableMapping[str, str] | None = None
+    ) -> None:
+        boards = {HTTP_01: answers} if alpn is None else {HTTP_01: answers, TLS_ALPN_01: alpn}
+        by_channel = {self._key(self._PLACES[kind][1]).encode(): kind for kind in boards}
         delay = 0.1
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
+                await pubsub.subscribe(*by_channel)
                 # Those published before we listened (a restart mid-order).
-                async for key in self._redis.scan_iter(match=self._key("challenge", "*")):
-                    token = key.decode().rsplit(":", 1)[-1]
-                    value = await self.get_challenge(token)
-                    if value is not None:
-                        answers[token] = value
+                for kind, board in boards.items():
+                    pattern = self._key(self._PLACES[kind][0], "*")
+                    async for key in self._redis.scan_iter(match=pattern):
+                        name = key.decode().rsplit(":", 1)[-1]  # neither kind has a colon
+                        value = await self.get_challenge(name, kind)
+                        if value is not None:
+                            board[name] = value
                 delay = 0.1
                 while True:
                     msg = await pubsub.get_message(timeout=5.0)
                     if msg is None:
                         continue
+                    kind = by_channel.get(msg["channel"], HTTP_01)
+                    board = boards[kind]
                     text = msg["data"].decode()
                     if text.startswith("+"):
-                        token, _, value = text[1:].partition(" ")
-                        if safe_token(token):
-                            answers[token] = value
+                        name, _, value = text[1:].partition(" ")
+                        if safe_name(name, kind):
+                            board[name] = value
                     elif text.startswith("-"):
-                        answers.pop(text[1:], None)
+                        board.pop(text[1:], None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: listen again once it is back
@@ -264,10 +308,10 @@ class RedisStorage:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
-    async def get_challenge(self, token: str) -> str | None:
-        if not safe_token(token):
+    async def get_challenge(self, name: str, kind: str = HTTP_01) -> str | None:
+        if not safe_name(name, kind):
             return None
-        raw = await self._redis.get(self._key("challenge", token))
+        raw = await self._redis.get(self._key(self._PLACES[kind][0], name))
         return raw.decode() if isinstance(raw, bytes) else raw
 
     async def close(self) -> None:

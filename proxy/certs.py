@@ -18,9 +18,12 @@ The interface, for the listener, the admin API and an ACME component:
   for the same name and replaces an earlier install for the same names.
 - ``remove(names)``: stop serving an installed certificate.
 - ``set_challenge(name, cert_pem, key_pem)`` / ``clear_challenge(name)``: a TLS-ALPN-01
-  certificate (RFC 8737), served for ``name`` with ALPN ``acme-tls/1`` only, while set.
-  Python's SNI callback cannot see the client's ALPN offer, so while a challenge is set
-  every handshake for that name gets it: keep the window short.
+  certificate (RFC 8737), served for ``name`` with ALPN ``acme-tls/1`` only, while set,
+  and only to a client that offers ``acme-tls/1`` (§3). Python's SNI callback cannot
+  see the client's ALPN offer, so the listener reads it from the ClientHello
+  (proxy/clienthello.py) while ``has_challenges``, and starts such a client's handshake
+  on ``challenge_context`` instead of ``context``: only that one's SNI callback serves
+  challenge certificates.
 - ``http01``: ACME HTTP-01 tokens → key authorizations. The plain listener answers
   ``GET /.well-known/acme-challenge/<token>`` from it; set ``serve_http01`` before the
   listener starts so that connections are checked for it.
@@ -35,6 +38,7 @@ import logging
 import os
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from config import TlsConfig
@@ -120,6 +124,7 @@ class CertStore:
         # own until one is loaded; the SNI callback moves each connection to its
         # certificate's context (the default one when no name matches).
         self._start = self._new_context(tls)
+        self._start_acme = self._new_context(tls, (ACME_TLS_ALPN,), self._sni_acme)
 
     # -- what the listener reads ------------------------------------------------------------
 
@@ -127,6 +132,15 @@ class CertStore:
     def context(self) -> ssl.SSLContext:
         """The context a new connection's handshake starts on."""
         return self._start
+
+    @property
+    def challenge_context(self) -> ssl.SSLContext:
+        """The context to start on for a client that offers ALPN ``acme-tls/1``."""
+        return self._start_acme
+
+    @property
+    def has_challenges(self) -> bool:
+        return bool(self._challenges)
 
     @property
     def certificates(self) -> list[Certificate]:
@@ -151,15 +165,22 @@ class CertStore:
         # A server-side SSLObject does not keep the name the client asked for; the
         # connection reads it from here for its access-log lines.
         sslobj.bg_server_name = server_name  # type: ignore[attr-defined]
-        if server_name and self._challenges:
-            challenge = self._challenges.get(server_name.rstrip(".").lower())
-            if challenge is not None:
-                sslobj.context = challenge
-                return
         cert = self.select(server_name)
         if cert is not None:
             sslobj.context = cert.context
         # No certificate at all: the handshake fails, as it must.
+
+    def _sni_acme(
+        self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext
+    ) -> None:
+        # Only handshakes that offered acme-tls/1 start here (see the module doc).
+        if server_name:
+            challenge = self._challenges.get(server_name.rstrip(".").lower())
+            if challenge is not None:
+                sslobj.bg_server_name = server_name  # type: ignore[attr-defined]
+                sslobj.context = challenge
+                return
+        self._sni(sslobj, server_name, ctx)
 
     # -- changing what is served -----------------------------------------------------------------
 
@@ -183,6 +204,7 @@ class CertStore:
             installed = tuple(self._rebuild(c, tls) for c in installed)
             self._tls = tls
             self._start = self._new_context(tls)
+            self._start_acme = self._new_context(tls, (ACME_TLS_ALPN,), self._sni_acme)
         self._index = _index(tuple(loaded), installed)
 
     def install(
@@ -219,13 +241,18 @@ class CertStore:
 
     # -- contexts ---------------------------------------------------------------------------------
 
-    def _new_context(self, tls: TlsConfig, alpn: tuple[str, ...] | None = None) -> ssl.SSLContext:
+    def _new_context(
+        self,
+        tls: TlsConfig,
+        alpn: tuple[str, ...] | None = None,
+        sni: Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None] | None = None,
+    ) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = _VERSIONS[tls.min_version]
         ctx.set_ciphers(INTERMEDIATE_CIPHERS)
         ctx.set_alpn_protocols(list(alpn or tls.alpn))
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-        ctx.sni_callback = self._sni
+        ctx.sni_callback = sni or self._sni
         return ctx
 
     def _context_from_pem(

@@ -9,6 +9,8 @@ by uvloop in C, no Python between accept and request).
   (peeked, then exactly its bytes consumed, so the ClientHello or request after it stays
   in the kernel), then the socket is handed to the loop, with TLS on the TLS listener:
   ``loop.connect_accepted_socket(..., ssl=certs.context, ssl_handshake_timeout=...)``.
+  While an ACME TLS-ALPN-01 challenge is up, the ClientHello is peeked at the same way:
+  a client offering ``acme-tls/1`` starts on ``certs.challenge_context`` instead.
   The header and the handshake share one deadline, ``tls.handshake_timeout``; each
   handshake is counted ``ok``, ``failed`` or ``timeout``.
 - ``EdgeConnection`` is a ``ClientConnection`` that knows its listener: it says
@@ -31,7 +33,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from config import Config, HostPort
-from proxy.certs import CertError, CertStore
+from proxy.certs import ACME_TLS_ALPN, CertError, CertStore
+from proxy.clienthello import peek_alpn
 from proxy.http1 import Reject, origin_form, request_host
 from proxy.listener import ClientConnection
 from proxy.phases import CLOSED
@@ -218,6 +221,14 @@ class EdgeListener:
                 async with asyncio.timeout_at(deadline):
                     header = await read_proxy_header(loop, sock)
                 client = header.client
+            context = edge.certs.context
+            if self.tls and edge.certs.has_challenges:
+                # An ACME TLS-ALPN-01 order is up: only a client offering acme-tls/1
+                # may get its certificate (RFC 8737 §3), so look at the offer first.
+                async with asyncio.timeout_at(deadline):
+                    offer = await peek_alpn(loop, sock)
+                if ACME_TLS_ALPN in offer:
+                    context = edge.certs.challenge_context
             factory = cast(
                 "Callable[[], asyncio.Protocol]",
                 functools.partial(EdgeConnection, edge, client, self.tls, edge.server),
@@ -228,7 +239,7 @@ class EdgeListener:
                 await loop.connect_accepted_socket(
                     factory,
                     sock,
-                    ssl=edge.certs.context,
+                    ssl=context,
                     ssl_handshake_timeout=max(0.001, deadline - loop.time()),
                 )
                 edge.handshakes["ok"] += 1

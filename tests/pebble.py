@@ -1,9 +1,10 @@
 """A real ACME server for the tests: Debian's ``pebble`` (RFC 8555 test server).
 
-Pebble validates HTTP-01 for real: it resolves the domain through
+Pebble validates HTTP-01 and TLS-ALPN-01 for real: it resolves the domain through
 ``pebble-challtestsrv`` (a DNS server answering 127.0.0.1 for every name) and GETs
-``http://<domain>:<http_port>/.well-known/acme-challenge/<token>``, where the proxy
-under test listens. Its own HTTPS is served with a certificate from a ``TestCA``, which
+``http://<domain>:<http_port>/.well-known/acme-challenge/<token>``, or shakes hands
+with ``<domain>:<tls_port>`` offering ALPN ``acme-tls/1``, where the proxy under test
+listens. Its own HTTPS is served with a certificate from a ``TestCA``, which
 the proxy's ``tls.acme.ca_file`` trusts.
 """
 
@@ -44,9 +45,12 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -
 
 class Pebble:
     """``pebble`` and its DNS server on free loopback ports; ``http_port`` is where it
-    validates HTTP-01 (the proxy's plain listener goes there)."""
+    validates HTTP-01 (the proxy's plain listener goes there), ``tls_port`` where it
+    validates TLS-ALPN-01 (the proxy's TLS listener)."""
 
-    def __init__(self, directory: Path, http_port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, http_port: int | None = None, tls_port: int | None = None
+    ) -> None:
         if shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None:
             pytest.skip("pebble is not installed (apt-get install pebble)")
         self.dir = directory
@@ -57,6 +61,7 @@ class Pebble:
         self.mgmt_port = free_port()
         self.dns_port = free_port()
         self.http_port = http_port or free_port()
+        self.tls_port = tls_port or free_port()
         self.config = directory / "pebble.json"
         self.config.write_text(
             json.dumps(
@@ -67,7 +72,7 @@ class Pebble:
                         "certificate": str(leaf.cert),
                         "privateKey": str(leaf.key),
                         "httpPort": self.http_port,
-                        "tlsPort": free_port(),
+                        "tlsPort": self.tls_port,
                         "ocspResponderURL": "",
                         "externalAccountBindingRequired": False,
                     }

@@ -21,7 +21,9 @@ from admin.runner import Running, running
 from admin.serve import main_serve
 from config import ConfigError, parse_config
 from conftest import RedisServer, Upstream
-from proxy.acme import Timing
+from proxy.acme import AcmeManager, Timing
+from proxy.acme_tlsalpn import ACME_IDENTIFIER
+from proxy.certs import CertStore
 
 FAST = Timing(backoff=(0.2, 1.0), recheck=60.0, lock_wait=0.2, order_deadline=30.0)
 SHOP = "shop.example.test"
@@ -43,6 +45,7 @@ def acme_config(
     storage: Path,
     *,
     port: int | None = None,
+    tls_port: int = 0,
     hosts: list[str] | None = None,
     directory: str | None = None,
     **acme: Any,
@@ -56,7 +59,7 @@ def acme_config(
         "admin": {"listen": "127.0.0.1:0"},
         "services": {"shop": {"hosts": hosts or [SHOP], "upstreams": ups}},
         "tls": {
-            "listen": "127.0.0.1:0",
+            "listen": f"127.0.0.1:{tls_port}",
             "acme": {
                 "directory": directory or pebble.directory_url,
                 "email": "ops@example.test",
@@ -274,6 +277,91 @@ async def test_a_token_bgproxy_does_not_hold_is_proxied_to_the_app(
             writer.close()
 
 
+async def _probe(port: int, domain: str) -> bytes | None:
+    """The certificate (DER) an ordinary HTTPS client (ALPN http/1.1) gets for
+    ``domain``, or None if the handshake fails."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=domain), 5
+        )
+    except (OSError, ssl.SSLError):
+        return None
+    der: bytes = writer.get_extra_info("ssl_object").getpeercert(True)
+    writer.close()
+    return der
+
+
+async def test_orders_with_tls_alpn_01_on_the_tls_listener(
+    upstreams: dict[str, Upstream], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pebble = Pebble(tmp_path / "pebble")
+    pebble.start()
+    storage = tmp_path / "acme"
+    # A default certificate for another name: what an ordinary client asking for SHOP
+    # gets until SHOP has its own, challenge or not.
+    fallback = pebble.ca.issue("fallback.example.test", stem="fallback")
+    cfg = acme_config(
+        pebble, upstreams, storage, port=free_port(), tls_port=pebble.tls_port,
+        challenge="tls-alpn-01",
+    )  # fmt: skip
+    cfg["tls"]["certificates"] = [{"cert": str(fallback.cert), "key": str(fallback.key)}]
+    challenges: list[x509.Certificate] = []
+    during: list[tuple[bytes | None, bool]] = []  # an ordinary client's, with the challenge up
+    set_challenge = CertStore.set_challenge
+    publish = AcmeManager._publish
+
+    def keep(store: CertStore, name: str, cert_pem: bytes, key_pem: bytes) -> None:
+        set_challenge(store, name, cert_pem, key_pem)
+        challenges.append(x509.load_pem_x509_certificate(cert_pem))
+
+    async def probe_then_answer(manager: AcmeManager, name: str, key_auth: str) -> None:
+        await publish(manager, name, key_auth)
+        # Before pebble is told to validate, so the challenge is surely up meanwhile.
+        der = await _probe(pebble.tls_port, SHOP)
+        during.append((der, manager.store.has_challenges))  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(CertStore, "set_challenge", keep)
+    monkeypatch.setattr(AcmeManager, "_publish", probe_then_answer)
+    try:
+        async with started(cfg) as run:
+            entry = await wait_state(run, SHOP, "valid")
+            assert run.acme is not None and run.acme.orders == 1
+            assert run.acme.status()["challenge"] == "tls-alpn-01"
+            chain, key = installed(run, SHOP)
+            leaf = await served_leaf(run, SHOP)
+            assert run.server.edge is not None
+            assert not run.server.edge.certs.has_challenges  # cleared once the order ended
+    finally:
+        pebble.stop()
+    # Pebble validated through the TLS listener: the plain one is not where it would
+    # fetch an HTTP-01 token, and it fetched none.
+    assert int(cfg["listen"].rsplit(":", 1)[1]) != pebble.http_port
+    assert pebble.validations() == []
+    # The challenge certificate RFC 8737 §3 describes: the name, and the critical
+    # acmeIdentifier holding SHA-256 of the key authorization (an OCTET STRING).
+    (challenge,) = challenges
+    san = challenge.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [SHOP]
+    ident = challenge.extensions.get_extension_for_oid(ACME_IDENTIFIER)
+    assert ident.critical and ident.value.value[:2] == b"\x04\x20"  # type: ignore[attr-defined]
+    assert len(ident.value.value) == 34  # type: ignore[attr-defined]
+    # An ordinary client during the order got the default certificate, not the challenge.
+    challenge_der = challenge.public_bytes(serialization.Encoding.DER)
+    fallback_der = leaf_of(fallback.cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+    assert during and all(up and der == fallback_der != challenge_der for der, up in during)
+    assert (chain, key) == (
+        (storage / "certs" / SHOP / "fullchain.pem").read_bytes(),
+        (storage / "certs" / SHOP / "key.pem").read_bytes(),
+    )
+    cert = check_issued(chain, key, SHOP, pebble)
+    assert leaf == cert.public_bytes(serialization.Encoding.DER)
+    assert entry["not_after"] == cert.not_valid_after_utc.isoformat()
+
+
 async def test_a_redis_fleet_orders_each_domain_once_and_shares_it(
     pebble: Pebble, upstreams: dict[str, Upstream], tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -297,6 +385,37 @@ async def test_a_redis_fleet_orders_each_domain_once_and_shares_it(
         assert a.acme.status()["storage"] == "redis"
         assert b.acme.status()["account"] == a.acme.status()["account"]  # one account
     assert any("b.example.test" in u for u in pebble.validations())
+
+
+async def test_a_redis_fleet_shares_tls_alpn_01_challenges(
+    upstreams: dict[str, Upstream], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # As with HTTP-01: A's TLS listener is where pebble validates, B's is not, and B
+    # alone orders b.example.test, so A must present B's challenge, through Redis.
+    pebble = Pebble(tmp_path / "pebble")
+    pebble.start()
+    state = {"backend": "redis", "redis_url": redis_server.url()}
+    a_cfg = acme_config(
+        pebble, upstreams, tmp_path / "a", port=free_port(), tls_port=pebble.tls_port,
+        domains=["a.example.test"], challenge="tls-alpn-01",
+    )  # fmt: skip
+    b_cfg = acme_config(
+        pebble, upstreams, tmp_path / "b", port=free_port(),
+        domains=["b.example.test"], challenge="tls-alpn-01",
+    )  # fmt: skip
+    try:
+        async with started({**a_cfg, "state": state}) as a, started({**b_cfg, "state": state}) as b:
+            await wait_state(a, "a.example.test", "valid")
+            await wait_state(b, "b.example.test", "valid")
+            assert a.acme is not None and b.acme is not None
+            assert (a.acme.orders, b.acme.orders) == (1, 1)
+            check_issued(*installed(b, "b.example.test"), "b.example.test", pebble)
+            for run in (a, b):
+                assert run.server.edge is not None
+                assert not run.server.edge.certs.has_challenges  # withdrawn everywhere
+    finally:
+        pebble.stop()
+    assert pebble.validations() == []
 
 
 def test_acme_config_errors_name_their_key() -> None:
@@ -356,6 +475,18 @@ def test_acme_config_errors_name_their_key() -> None:
     )
     assert cfg.acme_domains() == ("shop.example.test",)
     assert cfg.tls.acme.renew_before == 10 * 86400
+    alpn = {"directory": "https://acme.test/dir", "challenge": "tls-alpn-01"}
+    cfg = parse_config(
+        {**base, "tls": {"listen": "127.0.0.1:0", "acme": {**alpn, "domains": ["a.example.test"]}}}
+    )
+    assert cfg.tls.acme.challenge == "tls-alpn-01"
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {**base, "tls": {"listen": "127.0.0.1:0", "acme": {**alpn, "domains": ["*.a.test"]}}}
+        )
+    assert info.value.errors == [
+        "tls.acme.domains[0]: TLS-ALPN-01 cannot validate a wildcard: '*.a.test'"
+    ]
 
 
 def test_acme_with_workers_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

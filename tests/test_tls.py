@@ -32,6 +32,7 @@ from conftest import (
     read_response,
     upstream_headers,
 )
+from proxy.clienthello import NeedMore, alpn_offer
 
 
 @pytest.fixture
@@ -354,7 +355,8 @@ async def test_a_tls_alpn_01_challenge_certificate_is_served_while_set(
     upstreams: dict[str, Upstream], start_proxy: StartProxy, ca: TestCA
 ) -> None:
     """The seam ACME's TLS-ALPN-01 uses: a challenge certificate for a name, with ALPN
-    acme-tls/1, served while set; the name's own certificate again once cleared."""
+    acme-tls/1, served while set to clients offering acme-tls/1 only (RFC 8737 §3);
+    the name's own certificate again once cleared."""
     leaf = ca.issue("shop.example.com")
     proxy = await tls_proxy(start_proxy, upstreams, leaf)
     challenge = ca.issue("shop.example.com", file="challenge")
@@ -364,11 +366,91 @@ async def test_a_tls_alpn_01_challenge_certificate_is_served_while_set(
     async with tls_connection(proxy, ca, "shop.example.com", ctx) as (_, writer):
         assert served(writer) == challenge.serial
         assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "acme-tls/1"
+    # Meanwhile, everyone else asking for the name gets its real certificate and is served.
+    for alpn in (("http/1.1",), (), ("h2", "http/1.1")):
+        async with tls_connection(proxy, ca, "shop.example.com", ca.client_context(alpn)) as (
+            reader,
+            writer,
+        ):
+            assert served(writer) == leaf.serial
+            assert (await get(writer, reader, "shop.example.com")).status == 200
     async with tls_connection(proxy, ca, "other.example.com", _unverified(ca)) as (_, writer):
         assert served(writer) == leaf.serial  # other names are not affected
     certs.clear_challenge("shop.example.com")
     async with tls_connection(proxy, ca, "shop.example.com") as (_, writer):
         assert served(writer) == leaf.serial
+
+
+def _client_hello(alpn: tuple[str, ...], name: str = "shop.example.com") -> bytes:
+    """The ClientHello a Python client sends (as a TLS record)."""
+    ctx = ssl.create_default_context()
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        conn.do_handshake()
+    return outgoing.read()
+
+
+def test_the_alpn_offer_is_read_from_a_client_hello() -> None:
+    hello = _client_hello(("acme-tls/1",))
+    assert alpn_offer(hello) == ("acme-tls/1",)
+    assert alpn_offer(_client_hello(("h2", "http/1.1"))) == ("h2", "http/1.1")
+    assert alpn_offer(_client_hello(())) == ()
+    # Split over two handshake records, as a client may send it.
+    body = hello[5:]
+    split = b"".join(
+        b"\x16\x03\x01" + len(part).to_bytes(2, "big") + part for part in (body[:40], body[40:])
+    )
+    assert alpn_offer(split) == ("acme-tls/1",)
+    with pytest.raises(NeedMore) as more:
+        alpn_offer(split[:50])
+    assert more.value.want == len(split)
+    with pytest.raises(NeedMore):
+        alpn_offer(hello[:3])
+    with pytest.raises(ValueError):
+        alpn_offer(b"GET / HTTP/1.1\r\n\r\n")
+
+
+async def test_a_client_hello_sent_in_pieces_still_reaches_the_challenge(
+    upstreams: dict[str, Upstream], start_proxy: StartProxy, ca: TestCA
+) -> None:
+    """While a challenge is up, a ClientHello arriving byte by byte is waited for, not
+    misread: acme-tls/1 gets the challenge, and the handshake completes."""
+    leaf = ca.issue("shop.example.com")
+    proxy = await tls_proxy(start_proxy, upstreams, leaf)
+    challenge = ca.issue("shop.example.com", file="challenge")
+    proxy.run.server.edge.certs.set_challenge(
+        "shop.example.com", challenge.cert_pem, challenge.key_pem
+    )
+    ctx = ca.client_context(alpn=("acme-tls/1",))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = ctx.wrap_bio(incoming, outgoing, server_hostname="shop.example.com")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        conn.do_handshake()
+    hello = outgoing.read()
+    reader, writer = await asyncio.open_connection(*proxy.run.tls_address)
+    try:
+        for piece in (hello[:3], hello[3:60], hello[60:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # separate segments: the server sees a partial hello
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    conn.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if outgoing.pending:
+                        writer.write(outgoing.read())
+                    data = await reader.read(65536)
+                    assert data, "the proxy closed the connection"
+                    incoming.write(data)
+        assert served_serial(conn.getpeercert(True)) == challenge.serial
+        assert conn.selected_alpn_protocol() == "acme-tls/1"
+    finally:
+        writer.close()
 
 
 def _unverified(ca: TestCA) -> ssl.SSLContext:
