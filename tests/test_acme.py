@@ -303,7 +303,7 @@ async def test_orders_with_tls_alpn_01_on_the_tls_listener(
     storage = tmp_path / "acme"
     # A default certificate for another name: what an ordinary client asking for SHOP
     # gets until SHOP has its own, challenge or not.
-    fallback = pebble.ca.issue("fallback.example.test", stem="fallback")
+    fallback = pebble.ca.issue("fallback.example.test", file="fallback")
     cfg = acme_config(
         pebble, upstreams, storage, port=free_port(), tls_port=pebble.tls_port,
         challenge="tls-alpn-01",
