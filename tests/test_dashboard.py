@@ -376,7 +376,8 @@ async def test_the_rollout_card_shows_the_steps_and_its_buttons_drive_it(
             [upstreams["blue"].url],
             [upstreams["green"].url],
             rollback={"interval": "200ms", "min_requests": 3, "max_error_rate": 0.05},
-            rollout={"steps": [10, 50, 100], "step_interval": "1500ms"},
+            # Long enough that the pause lands within step 2 on a busy 2-core machine.
+            rollout={"steps": [10, 50, 100], "step_interval": "4s"},
         )
     )
     page, console = await open_dashboard(browser, proxy)
@@ -408,7 +409,7 @@ async def test_the_rollout_card_shows_the_steps_and_its_buttons_drive_it(
         await expect(page.locator("#ro-body")).to_contain_text("requests", timeout=5000)
         await expect(page.locator("#ro-body")).to_contain_text("≤ 5.0%")
         # It moves on by itself: step 1 done, step 2 current.
-        await expect(steps.nth(0)).to_have_attribute("data-state", "done", timeout=5000)
+        await expect(steps.nth(0)).to_have_attribute("data-state", "done", timeout=10000)
         await expect(steps.nth(1)).to_have_attribute("data-state", "current")
         await page.locator("#ro-pause").click()
         await dialog.get_by_role("button", name="Pause").click()
