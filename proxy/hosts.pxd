@@ -14,5 +14,5 @@ cdef class ServiceTable:
     cdef public object only
 
     cdef _routes(self, bytes host)
-    @cython.locals(routes=list, path=bytes, prefix=bytes, below=bytes, end=Py_ssize_t)
+    @cython.locals(routes=list, prefix=bytes, below=bytes, n=Py_ssize_t, k=Py_ssize_t)
     cpdef match(self, bytes host, bytes target)

@@ -81,9 +81,14 @@ class ServiceTable:
     def match(self, host: bytes | None, target: bytes) -> Any:
         routes = self._routes(host)
         if routes is not None:
-            end = target.find(b"?")
-            path = target if end < 0 else target[:end]
+            # The path is never cut from the target: a prefix holds no "?", so the path
+            # starts with ``below`` when the target does, and the path is ``prefix`` when
+            # the target is, or is it and a query.
+            n = len(target)
             for prefix, below, service in routes:
-                if path.startswith(below) or path == prefix:
+                if target.startswith(below):
+                    return service
+                k = len(prefix)
+                if n >= k and target.startswith(prefix) and (n == k or target[k] == 63):
                     return service
         return self.default

@@ -15,3 +15,11 @@ cdef class ColorTraffic:
 
     @cython.locals(lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t)
     cpdef record(self, int status, double latency)
+
+
+cdef class Sample:
+    cdef public double at
+    cdef public long long requests
+    cdef public long long errors
+    cdef public double latency_sum
+    cdef public tuple counts

@@ -71,15 +71,21 @@ class ColorTraffic:
         return Sample(at, self.requests, self.errors, self.latency_sum, tuple(self.counts))
 
 
-@dataclass(frozen=True, slots=True)
 class Sample:
-    """One color's cumulative counters at loop time ``at``."""
+    """One color's cumulative counters at loop time ``at``. Not modified once taken. A
+    plain class, not a frozen dataclass: the sweeper takes two per service every second,
+    and a frozen dataclass's ``__init__`` is five ``object.__setattr__`` calls."""
 
-    at: float
-    requests: int
-    errors: int
-    latency_sum: float
-    counts: tuple[int, ...]
+    __slots__ = ("at", "counts", "errors", "latency_sum", "requests")
+
+    def __init__(
+        self, at: float, requests: int, errors: int, latency_sum: float, counts: tuple[int, ...]
+    ) -> None:
+        self.at = at
+        self.requests = requests
+        self.errors = errors
+        self.latency_sum = latency_sum
+        self.counts = counts
 
     def at_time(self, at: float) -> Sample:
         """The same counts, taken at ``at`` (nothing happened since)."""
@@ -177,9 +183,14 @@ class Traffic:
         An idle service (most of them, behind a busy edge) costs next to nothing: its
         sample reuses the last counts, and its history point is the shared idle one."""
         last = self._samples[-1]
-        requests = sum(t.requests for t in self.colors.values())
+        requests = 0
+        for t in self.colors.values():
+            requests += t.requests
         if now - last[Color.BLUE].at >= self.sample_every:
-            if requests == sum(s.requests for s in last.values()):
+            before = 0
+            for s in last.values():
+                before += s.requests
+            if requests == before:
                 self._samples.append({c: s.at_time(now) for c, s in last.items()})
             else:
                 self._samples.append({c: t.snapshot(now) for c, t in self.colors.items()})
