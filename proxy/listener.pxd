@@ -13,7 +13,7 @@ from proxy.request cimport Request, fast_head, read_head, upstream_head
 from proxy.hosts cimport ServiceTable
 from proxy.pools cimport Pool
 from proxy.service cimport Service
-from proxy.router cimport cookie_bucket, route
+from proxy.router cimport Decision, cookie_bucket, route
 
 
 cdef class ClientConnection(Exchange):
@@ -29,7 +29,8 @@ cdef class ClientConnection(Exchange):
     @cython.locals(http11=bint)
     cdef _dispatch(self, Request req)
     @cython.locals(is_upgrade=bint, service=Service, value=bytes, override=bytes, sticky=bytes,
-                   token=bytes, cl=bytes, roll=double)
+                   token=bytes, cl=bytes, roll=double,
+                   decision=Decision)
     cdef _route_and_send(self, Request req, bint upgrade)
     cdef _take_observed(self, Request req, observer, bint trusted)
     cdef _observe(self, observer, Request req)

@@ -53,11 +53,32 @@ class RequestAttrs:
     sticky: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    color: Color | None  # None only with INVALID_OVERRIDE
-    reason: Reason
-    set_sticky: bool = False
+    """Where a request goes and why. One of a few shared instances (below): never changed.
+    A C type in the compiled build (router.pxd), so the request path reads its fields
+    without a Python attribute lookup."""
+
+    __slots__ = ("color", "reason", "set_sticky")
+
+    def __init__(self, color: Color | None, reason: Reason, set_sticky: bool = False) -> None:
+        self.color = color  # None only with INVALID_OVERRIDE
+        self.reason = reason
+        self.set_sticky = set_sticky
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return (self.color, self.reason, self.set_sticky) == (
+            other.color,
+            other.reason,
+            other.set_sticky,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.color, self.reason, self.set_sticky))
+
+    def __repr__(self) -> str:
+        return f"Decision({self.color!r}, {self.reason!r}, set_sticky={self.set_sticky!r})"
 
 
 NO_ATTRS = RequestAttrs()

@@ -13,7 +13,7 @@ cdef class ColorTraffic:
     cdef public double latency_sum
     cdef public list counts
 
-    @cython.locals(lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t)
+    @cython.locals(lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, bound=double)
     cpdef record(self, int status, double latency)
 
 

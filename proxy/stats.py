@@ -59,7 +59,8 @@ class ColorTraffic:
             hi = _NBUCKETS
             while lo < hi:
                 mid = (lo + hi) >> 1
-                if _BOUNDS[mid] < latency:
+                bound = _BOUNDS[mid]  # a C double (stats.pxd): no float object per step
+                if bound < latency:
                     lo = mid + 1
                 else:
                     hi = mid
