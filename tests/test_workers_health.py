@@ -276,3 +276,61 @@ async def test_a_restarted_worker_starts_with_the_current_health(
     await eventually(b1_up, timeout=5)
     await asyncio.sleep(INTERVAL)  # the promised bound for the push to reach the workers
     assert all(pair == {"b1", "b2"} for pair in await pairs(p.url, 16))
+
+
+async def test_reloads_that_change_targets_keep_workers_on_the_supervisors_health(
+    apps: dict[str, App], served: Callable[..., Awaitable[ProxyProcess]]
+) -> None:
+    b1, b2 = apps["b1"], apps["b2"]
+    b3 = await App("b3").start()
+    try:
+        p = await served([b1.url, b2.url], [apps["g"].url], workers=2)
+        assert p.proc is not None
+
+        def reload(blue: list[str]) -> None:
+            data = yaml.safe_load(p.path.read_text())
+            data["upstreams"]["blue"]["targets"] = blue
+            p.path.write_text(yaml.safe_dump(data))
+            p.signal(signal.SIGHUP)
+
+        b1.health_status = 503
+
+        async def b1_down() -> bool:
+            return not await target_healthy(p, b1.url)
+
+        await eventually(b1_down, timeout=5)
+
+        async def blue_targets(*urls: str) -> bool:
+            status = (await p.admin("GET", "/status"))[1]
+            return [t["url"] for t in status["colors"]["blue"]["targets"]] == list(urls)
+
+        # A reload removes b1 while it is down; it comes back into the file healthy: a new
+        # target to the supervisor, so healthy at once in every worker too, not down as the
+        # last report before its removal said (no target flips meanwhile to correct it).
+        reload([b2.url])
+        await eventually(lambda: blue_targets(b2.url), timeout=5)
+        b1.health_status = 200
+        reload([b1.url, b2.url])
+
+        async def b1_used_by_every_worker() -> bool:
+            return all(pair == {"b1", "b2"} for pair in await pairs(p.url, 16))
+
+        await eventually(b1_used_by_every_worker, timeout=5)
+
+        # A reload adds b3, which fails its checks: found down by the supervisor, kept out
+        # by both workers.
+        b3.health_status = 503
+        reload([b1.url, b2.url, b3.url])
+
+        async def b3_down() -> bool:
+            return await blue_targets(b1.url, b2.url, b3.url) and not await target_healthy(
+                p, b3.url
+            )
+
+        await eventually(b3_down, timeout=5)
+        await asyncio.sleep(INTERVAL)  # the promised bound for the push to reach the workers
+        served_before = b3.served
+        assert {u for _, u in await fresh_requests(p.url, 60)} == {"b1", "b2"}
+        assert b3.served == served_before
+    finally:
+        await b3.stop()
