@@ -198,7 +198,7 @@ class Channel:
         """Before ``server`` serves: its pools take the supervisor's health, and its connect
         failures go to the supervisor (this process runs no health checker)."""
         self._followed = server
-        server.health_reports = self._connect_failed
+        server.send_connect_failure = self._connect_failed
         self.apply_health()
 
     def apply_health(self) -> None:

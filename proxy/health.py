@@ -14,7 +14,7 @@ With ``--workers`` the supervisor runs the only checker of the process tree and 
 each service's ``health_report`` to its workers whenever a target flips (listeners of
 ``HealthChecker``), and whole at a worker's start and after a reload; a worker runs no
 checker, sets its pools' stats from the pushes (``apply_health``) and sends its connect
-failures to the supervisor to count (``ProxyServer.health_reports``).
+failures to the supervisor to count (``ProxyServer.send_connect_failure``).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class ProxyServer:
         # None: this process decides its targets' health. A worker follows its
         # supervisor's checks instead, and sends its connect failures there through this
         # callable, ``(service, upstream, kind)`` (proxy/health.py).
-        self.health_reports: Any = None
+        self.send_connect_failure: Any = None
         self.apply_config(config, stores)
 
     # -- tasks ----------------------------------------------------------------------------

@@ -126,9 +126,9 @@ class Service:
         self.upstream_errors[upstream.color, exc.kind] += 1
         # Passive marking: a refused connect counts like a failed health check, where
         # health is decided (a worker's supervisor counts it and tells every worker).
-        forward = self.runtime.health_reports
-        if forward is not None:
-            forward(self, upstream, exc.kind)
+        send = self.runtime.send_connect_failure
+        if send is not None:
+            send(self, upstream, exc.kind)
             return
         record_result(upstream.stats, False, self.config.health_check, exc.kind)
 
