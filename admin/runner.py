@@ -119,6 +119,7 @@ async def running(
     admin: bool = True,
     data_plane: bool = True,
     health_checks: bool = True,
+    before_serving: Callable[[ProxyServer], None] | None = None,
     acme_timing: Timing | None = None,
 ) -> AsyncIterator[Running]:
     """Start the proxy and its admin API; on exit stop both, at once.
@@ -127,7 +128,9 @@ async def running(
     awaited; the data plane starts once a routing state is loaded. A worker passes the
     ``stores`` its supervisor feeds, its listening ``sock`` and ``admin=False``; a
     supervisor runs the admin API with ``data_plane=False`` (its workers serve) and
-    checks health for them: a worker passes ``health_checks=False``.
+    checks health for them: a worker passes ``health_checks=False``, and in
+    ``before_serving`` (called with the server once its services exist, before it accepts
+    a connection) applies its supervisor's health results.
     """
     token = admin_token(config) if admin else None
     async with contextlib.AsyncExitStack() as stack:
@@ -166,6 +169,8 @@ async def running(
                 await connect_store(store, config)
         except StoreUnavailable as exc:
             raise StartupError(f"state.redis_url: {exc}") from exc
+        if before_serving is not None:
+            before_serving(server)
         if data_plane:
             await _start_listeners(server, config, sock, tls_sock)
         # Health checks, gates and the rollback watch: closed first, in reverse, on exit.

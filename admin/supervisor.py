@@ -31,7 +31,10 @@ from admin.workers import (
     encode_line,
 )
 from config import Config, ConfigError, HostPort, load_config
+from proxy.health import health_report
+from proxy.pools import record_result
 from proxy.redis_store import decode_event, encode_event
+from proxy.service import Service
 from proxy.state import (
     COLORS,
     Color,
@@ -140,6 +143,8 @@ class WorkerPool:
     async def __aenter__(self) -> WorkerPool:
         for name, control in self.controls.items():
             control.store.add_listener(functools.partial(self._push, name))
+        if self.run.health is not None:  # the tree's only checker: workers follow it
+            self.run.health.add_listener(self.push_health)
         for slot in self.slots:
             self._spawn(self._keep_running(slot), f"worker-{slot.index}")
         try:
@@ -232,6 +237,27 @@ class WorkerPool:
             if slot.writer is not None and not slot.writer.is_closing():
                 slot.writer.write(line)
 
+    def push_health(self, service: Service) -> None:
+        """``service``'s targets' health, whole, to every worker (a flip, a reload)."""
+        line = encode_line({"t": "health", "svc": service.name, "targets": health_report(service)})
+        for slot in self.slots:
+            if slot.writer is not None and not slot.writer.is_closing():
+                slot.writer.write(line)
+
+    def _connect_failed(self, msg: dict[str, Any]) -> None:
+        """A worker's connect failure counts like a failed check here, as it would in a
+        single process; a flip reaches every worker."""
+        control = self.controls.get(str(msg.get("svc")))
+        if control is None:
+            return
+        service = control.service
+        pool = service.pools.get(Color(msg["color"]))
+        for up in pool.upstreams if pool is not None else ():
+            if up.url == msg["url"]:
+                if record_result(up.stats, False, service.config.health_check, str(msg["kind"])):
+                    self.push_health(service)
+                return
+
     async def _stop_all(self, timeout: float) -> None:
         self.stopping = True
         self.signal_all(signal.SIGTERM)
@@ -304,6 +330,9 @@ class WorkerPool:
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=CHANNEL_LIMIT)
         slot.proc, slot.writer = proc, writer
         for name, control in self.controls.items():
+            # The worker serves once it has both: never on a stale "all healthy".
+            targets = health_report(control.service)
+            writer.write(encode_line({"t": "health", "svc": name, "targets": targets}))
             state = control.store.snapshot().to_dict()
             writer.write(encode_line({"t": "state", "svc": name, "state": state}))
         try:
@@ -346,6 +375,8 @@ class WorkerPool:
             if changed:
                 self._acknowledged()
                 self.on_ack()
+        elif kind == "fail":
+            self._connect_failed(msg)
         elif kind == "cas":
             self._spawn(self._answer_cas(slot, msg), f"worker-{slot.index}-cas")
         elif kind == "events":
@@ -531,4 +562,8 @@ def _reload(run: Running, path: str, pool: WorkerPool) -> None:
         )
         return
     if reload_config(run, path):
+        # The reloaded pools' health (kept targets' as they were, new ones healthy) before
+        # the workers reload: each applies the last report it has to its new pools.
+        for service in run.server.services.values():
+            pool.push_health(service)
         pool.signal_all(signal.SIGHUP)

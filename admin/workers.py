@@ -15,12 +15,16 @@ socket and one end of a socketpair: no fork of a running event loop. Over that c
 newline-delimited JSON:
 
 - supervisor → worker: ``state`` (a service's every new snapshot, and each service's
-  current one at start; ``svc`` names the service), ``reply`` (to a request below);
+  current one at start; ``svc`` names the service), ``health`` (a service's targets'
+  health from the supervisor's checker, the only one of the tree: whole, at start,
+  whenever a target flips and after a reload), ``reply`` (to a request below);
 - worker → supervisor: ``report`` (per service, the generation it has applied, its
   per-color in-flight and WebSocket counts and its cumulative traffic counters; sent at
   once after applying a snapshot, so it is the acknowledgement, and every 250 ms),
   ``cas`` and ``events`` (a worker's own writes, e.g. its automatic rollback, go
-  through the supervisor's store of that ``svc``).
+  through the supervisor's store of that ``svc``), ``fail`` (a connect failure to a
+  target: the supervisor counts it like a failed check, so passive marking reaches every
+  worker and is undone by the supervisor's checks).
 
 An admin write answers once every running worker has acknowledged the new generation
 (or the bounded wait names the laggards). With ``state.backend: redis`` each worker is
@@ -42,6 +46,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from admin.runner import (
+    Running,
     StartupError,
     graceful_stop,
     reload_config,
@@ -50,6 +55,8 @@ from admin.runner import (
     settle_heap,
 )
 from config import Config, ConfigError, load_config
+from proxy.health import HealthReport, apply_health
+from proxy.pools import Upstream
 from proxy.redis_store import decode_event, encode_event
 from proxy.server import ProxyServer
 from proxy.service import Service
@@ -167,17 +174,48 @@ class Channel:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
         self._server: ProxyServer | None = None
+        # The supervisor's last health report of each service, kept to apply again to the
+        # pools a reload builds (new targets in it included).
+        self.health: dict[str, HealthReport] = {}
+        self._followed: ProxyServer | None = None  # the server whose pools follow it
         self._tasks = Tasks()
         self.closed = asyncio.Event()  # the supervisor is gone
 
     async def wait_initial(self, timeout: float) -> None:
-        """Read the supervisor's first snapshot of every service (before the data plane)."""
+        """Read the supervisor's first snapshot and health report of every service (before
+        the data plane: a new worker never starts with stale "all healthy")."""
         async with asyncio.timeout(timeout):
-            while any(store._state is None for store in self.stores.values()):
+            while any(
+                store._state is None or name not in self.health
+                for name, store in self.stores.items()
+            ):
                 line = await self._reader.readline()
                 if not line:
                     raise StoreUnavailable("the supervisor closed the channel")
                 self._handle(json.loads(line))
+
+    def follow_health(self, server: ProxyServer) -> None:
+        """Before ``server`` serves: its pools take the supervisor's health, and its connect
+        failures go to the supervisor (this process runs no health checker)."""
+        self._followed = server
+        server.send_connect_failure = self._connect_failed
+        self.apply_health()
+
+    def apply_health(self) -> None:
+        """The last reports, to the followed server's current pools (e.g. after a reload)."""
+        server = self._followed
+        if server is None:
+            return
+        for name, report in self.health.items():
+            service = server.services.get(name)
+            if service is not None:
+                apply_health(service, report)
+
+    def _connect_failed(self, service: Service, upstream: Upstream, kind: str) -> None:
+        if self._writer.is_closing():
+            return
+        msg = {"t": "fail", "svc": service.name, "color": upstream.color.value}
+        self._writer.write(encode_line({**msg, "url": upstream.url, "kind": kind}))
 
     def start(self, server: ProxyServer) -> None:
         """The data plane is up: acknowledge, then follow the channel and report."""
@@ -220,6 +258,12 @@ class Channel:
             if store is not None:
                 event = decode_event(msg["event"]) if msg.get("event") else None
                 store.apply(RoutingState.from_dict(msg["state"]), event)
+        elif kind == "health":
+            name = str(msg.get("svc"))
+            self.health[name] = msg["targets"]
+            server = self._followed
+            if server is not None and name in server.services:
+                apply_health(server.services[name], msg["targets"])
         elif kind == "reply":
             fut = self._pending.pop(int(msg["id"]), None)
             if fut is not None and not fut.done():
@@ -276,12 +320,15 @@ async def _worker(
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         stores: dict[str, StateStore] = dict(channel.stores)
-        async with running(config, stores=stores, sock=sock, tls_sock=tls_sock, admin=False) as run:
+        async with running(
+            config, stores=stores, sock=sock, tls_sock=tls_sock, admin=False,
+            health_checks=False, before_serving=channel.follow_health,
+        ) as run:  # fmt: skip
             channel.start(run.server)
             settle_heap()
             loop.add_signal_handler(signal.SIGTERM, stop.set)
             loop.add_signal_handler(signal.SIGINT, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, reload_config, run, path)
+            loop.add_signal_handler(signal.SIGHUP, _reload, run, path, channel)
             if run.observer is not None:  # logrotate: the supervisor forwards SIGUSR1
                 loop.add_signal_handler(signal.SIGUSR1, run.observer.reopen)
             orphaned = loop.create_task(channel.closed.wait(), name="supervisor-gone")
@@ -293,6 +340,12 @@ async def _worker(
     finally:
         await channel.close()
     return 0
+
+
+def _reload(run: Running, path: str, channel: Channel) -> None:
+    # The new pools' stats start from the supervisor's view, not "all healthy".
+    if reload_config(run, path):
+        channel.apply_health()
 
 
 def worker_main(argv: list[str]) -> int:

@@ -9,6 +9,12 @@ pools skip unhealthy ones. One checker serves every service of the process, each
 own ``health_check.interval``; each round reads the services, their pools and config
 anew, so a reload's services, targets and settings apply from the next round, and
 ``UpstreamStats`` (kept by URL per service) carry a surviving target's state across it.
+
+With ``--workers`` the supervisor runs the only checker of the process tree and pushes
+each service's ``health_report`` to its workers whenever a target flips (listeners of
+``HealthChecker``), and whole at a worker's start and after a reload; a worker runs no
+checker, sets its pools' stats from the pushes (``apply_health``) and sends its connect
+failures to the supervisor to count (``ProxyServer.send_connect_failure``).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -41,6 +48,11 @@ class HealthChecker:
         self._due: dict[str, float] = {}  # service -> loop time of its next round
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[Service], None]] = []
+
+    def add_listener(self, listener: Callable[[Service], None]) -> None:
+        """Called after a round with each service one of whose targets flipped."""
+        self._listeners.append(listener)
 
     async def __aenter__(self) -> HealthChecker:
         # One session for every check; force_close so each check proves a fresh
@@ -90,15 +102,23 @@ class HealthChecker:
         if services is None:
             services = list(self.server.services.values())
         checks = [
-            (up, svc.config.health_check)
+            (svc, up, svc.config.health_check)
             for svc in services
             for pool in svc.pools.values()
             for up in pool.upstreams
         ]
-        results = await asyncio.gather(*(self._check(up, cfg) for up, cfg in checks))
-        for (up, cfg), error in zip(checks, results, strict=True):
-            record_result(up.stats, error is None, cfg, error)
+        results = await asyncio.gather(*(self._check(up, cfg) for _, up, cfg in checks))
+        flipped: dict[str, Service] = {}
+        for (svc, up, cfg), error in zip(checks, results, strict=True):
+            if record_result(up.stats, error is None, cfg, error):
+                flipped[svc.name] = svc
         self.rounds += 1
+        for svc in flipped.values():
+            for listener in self._listeners:
+                try:
+                    listener(svc)
+                except Exception:
+                    log.exception("health listener failed")
 
     async def _check(self, up: Upstream, cfg: HealthCheckConfig) -> str | None:
         """None when the check passed, else a short reason (never exception text)."""
@@ -120,3 +140,28 @@ class HealthChecker:
         if 200 <= status < 300:
             return None
         return f"check answered {status}"
+
+
+# (color, url, healthy, last_error) per target, as JSON lists on the workers' channel.
+HealthReport = list[list[Any]]
+
+
+def health_report(service: Service) -> HealthReport:
+    """What ``service``'s targets' health is here, for processes that follow this one."""
+    return [
+        [up.color.value, up.url, up.stats.healthy, up.stats.last_error]
+        for pool in service.pools.values()
+        for up in pool.upstreams
+    ]
+
+
+def apply_health(service: Service, report: HealthReport) -> None:
+    """Set ``service``'s pools' stats to a ``health_report`` made elsewhere (a worker
+    follows its supervisor's checks); the pools read them as they read a local check's.
+    A target the report does not name keeps its state (new: healthy)."""
+    by_target = {(str(c), str(url)): (bool(ok), err) for c, url, ok, err in report}
+    for pool in service.pools.values():
+        for up in pool.upstreams:
+            seen = by_target.get((up.color.value, up.url))
+            if seen is not None:
+                up.stats.healthy, up.stats.last_error = seen

@@ -23,5 +23,6 @@ cdef class ProxyServer:
     cdef public object table
     cdef public object edge
     cdef public object observer
+    cdef public object send_connect_failure
 
     cpdef note_bad_request(self, int status)

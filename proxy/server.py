@@ -86,6 +86,10 @@ class ProxyServer:
         # The edge features (proxy/edge.py: TLS, PROXY protocol, redirect), when configured;
         # set by the composition root, read by the admin API and an ACME component.
         self.edge: Any = None
+        # None: this process decides its targets' health. A worker follows its
+        # supervisor's checks instead, and sends its connect failures there through this
+        # callable, ``(service, upstream, kind)`` (proxy/health.py).
+        self.send_connect_failure: Any = None
         self.apply_config(config, stores)
 
     # -- tasks ----------------------------------------------------------------------------

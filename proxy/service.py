@@ -124,7 +124,12 @@ class Service:
 
     def note_connect_failure(self, upstream: Upstream, exc: UpstreamError) -> None:
         self.upstream_errors[upstream.color, exc.kind] += 1
-        # Passive marking: a refused connect counts like a failed health check.
+        # Passive marking: a refused connect counts like a failed health check, where
+        # health is decided (a worker's supervisor counts it and tells every worker).
+        send = self.runtime.send_connect_failure
+        if send is not None:
+            send(self, upstream, exc.kind)
+            return
         record_result(upstream.stats, False, self.config.health_check, exc.kind)
 
     def tunnel_opened(self, conn: Any) -> None:
