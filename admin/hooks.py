@@ -22,7 +22,6 @@ Rocket.Chat incoming webhooks take.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import aiohttp
 from admin.gates import GateFailed
 from config import HookConfig
 from proxy.state import Event
+from proxy.tasks import cancel_and_wait
 
 log = logging.getLogger("bgproxy.hooks")
 
@@ -78,10 +78,7 @@ class Hooks:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._session is not None:
             await self._session.close()
 

@@ -26,7 +26,6 @@ judges that step afresh from its own traffic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -44,6 +43,7 @@ from proxy.state import (
     rfc3339,
 )
 from proxy.stats import Window
+from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from admin.api import ServiceControl
@@ -103,10 +103,7 @@ class RolloutDriver:
         tb: TracebackType | None,
     ) -> None:
         self._open = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._release()
 
     def _on_change(self, old: RoutingState, new: RoutingState, event: object) -> None:

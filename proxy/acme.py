@@ -55,7 +55,7 @@ from proxy.acme_tlsalpn import (
     challenge_token,
     challenge_type,
 )
-from proxy.tasks import Tasks
+from proxy.tasks import Tasks, cancel_and_wait
 
 log = logging.getLogger("bgproxy.acme")
 
@@ -438,9 +438,7 @@ class AcmeManager:
             try:
                 chain = await self._run(self._acme.finish, pending)
             finally:
-                renew.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renew
+                await cancel_and_wait(renew)
         finally:
             for name in names:
                 await self._withdraw(name)

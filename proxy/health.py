@@ -20,7 +20,6 @@ failures to the supervisor to count (``ProxyServer.send_connect_failure``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from types import TracebackType
@@ -30,6 +29,7 @@ import aiohttp
 
 from config import HealthCheckConfig
 from proxy.pools import Upstream, record_result
+from proxy.tasks import cancel_and_wait
 from proxy.upstream_tls import aiohttp_tls_failure, request_options
 
 if TYPE_CHECKING:
@@ -71,11 +71,8 @@ class HealthChecker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._session is not None:
             await self._session.close()
             self._session = None
