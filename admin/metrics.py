@@ -26,7 +26,7 @@ from proxy.state import COLORS
 from proxy.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from admin.api import ControlPlane, ServiceControl
+    from admin.control import ControlPlane, ServiceControl
 
 UPSTREAM_ERROR_KINDS = ("connect", "tls", "timeout", "protocol")
 TRIGGERS = ("manual", "auto")

@@ -36,7 +36,7 @@ from proxy.state import (
 from proxy.stats import Window
 
 if TYPE_CHECKING:
-    from admin.api import ServiceControl
+    from admin.control import ServiceControl
 
 log = logging.getLogger("bgproxy.rollback")
 

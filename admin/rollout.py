@@ -46,7 +46,7 @@ from proxy.stats import Window
 from proxy.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
-    from admin.api import ServiceControl
+    from admin.control import ServiceControl
 
 log = logging.getLogger("bgproxy.rollout")
 

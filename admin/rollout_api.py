@@ -15,15 +15,13 @@ from typing import Any
 from aiohttp import web
 
 from admin.api import (
-    ApiError,
-    ControlPlane,
-    ServiceControl,
     _json_body,
     _opt_force,
     _opt_int,
     _opt_str,
     _state_error,
 )
+from admin.control import ApiError, ControlPlane, ServiceControl
 from config import parse_duration
 from proxy.state import (
     Color,

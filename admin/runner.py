@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from admin.api import ControlPlane, ServiceControl, build_admin_app
+from admin.api import build_admin_app
+from admin.control import ControlPlane, ServiceControl
 from admin.fleet import connect_store, open_store
 from admin.gates import Gates
 from admin.hooks import Hooks

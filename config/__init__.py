@@ -13,16 +13,13 @@ from .fields import (
 )
 from .load import load_config, parse_config
 from .schema import (
-    AcmeConfig,
     AdminConfig,
-    CertificateConfig,
     Config,
     ConfigError,
     DrainConfig,
     GatesConfig,
     HealthCheckConfig,
     HookConfig,
-    HostPort,
     LimitsConfig,
     PoolConfig,
     RollbackConfig,
@@ -31,14 +28,14 @@ from .schema import (
     ServiceConfig,
     SmokeProbe,
     StateConfig,
-    TargetConfig,
     TimeoutsConfig,
-    TlsConfig,
     UpstreamsConfig,
     UpstreamTlsConfig,
     WarmupConfig,
     WebSocketConfig,
 )
+from .tls import AcmeConfig, CertificateConfig, TlsConfig
+from .values import HostPort, TargetConfig
 
 __all__ = [
     "AcmeConfig",

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .schema import TARGET_SCHEMES, ConfigError, HostPort, TargetConfig
+from .errors import ConfigError
+from .values import TARGET_SCHEMES, HostPort, TargetConfig
 
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

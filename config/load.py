@@ -39,7 +39,6 @@ from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
 from .schema import (
     SERVICE_NAME,
     SERVICE_SECTIONS,
-    AcmeConfig,
     AdminConfig,
     Config,
     ConfigError,
@@ -56,7 +55,6 @@ from .schema import (
     SmokeProbe,
     StateConfig,
     TimeoutsConfig,
-    TlsConfig,
     UpstreamsConfig,
     UpstreamTlsConfig,
     WarmupConfig,
@@ -64,7 +62,13 @@ from .schema import (
     host_pattern_problem,
     normalize_path,
 )
-from .tls import check_certificates, parse_certificates, parse_min_version
+from .tls import (
+    AcmeConfig,
+    TlsConfig,
+    check_certificates,
+    parse_certificates,
+    parse_min_version,
+)
 
 _upstream_tls = flat(
     UpstreamTlsConfig,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .errors import Problems
 
 ACCESS_LOG_FORMATS = ("json", "combined")
 # Where a line goes besides a file path.
@@ -19,22 +19,13 @@ REQUEST_ID_MODES = ("auto", "on", "off")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 tchar
 
 
-class _Problems:
-    """Like schema._Problems (which imports this module): every broken invariant, once."""
+class _Problems(Problems):
+    """``Problems`` with the one check only these sections make."""
 
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def check(self, ok: bool, key: str, message: str) -> None:
-        if not ok:
-            self.errors.append(f"{key}: {message}")
+    __slots__ = ()
 
     def share(self, key: str, value: float) -> None:
         self.check(0.0 <= value <= 1.0, key, f"must be between 0 and 1, got {value!r}")
-
-    def raise_if_any(self) -> None:
-        if self.errors:
-            raise ConfigError(self.errors)
 
 
 @dataclass(frozen=True, slots=True)

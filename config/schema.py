@@ -7,8 +7,11 @@ same rules as one loaded from YAML:
 * section classes report every broken invariant at once, as a ConfigError whose
   entries are relative to the section ("interval: must be greater than 0"); the
   loader prefixes the section's dotted path;
-* value classes (HostPort, TargetConfig) are a single string in YAML, so they
-  raise a plain ValueError and the loader's path already names them.
+* value classes (HostPort, TargetConfig, in values.py) are a single string in YAML,
+  so they raise a plain ValueError and the loader's path already names them.
+
+The ``tls`` section's classes live with its certificate checks in tls.py, the
+observability sections in observability.py.
 
 Types are the loader's job: ``__post_init__`` assumes the annotated types.
 """
@@ -21,112 +24,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import ConfigError as ConfigError  # re-exported: its home before errors.py
+from .errors import Problems
 from .observability import AccessLogConfig, RequestIdConfig, TracingConfig
+from .tls import TlsConfig
+from .values import HostPort, TargetConfig, is_ip, valid_host
 
 COLORS = ("blue", "green")
 STATE_BACKENDS = ("memory", "redis")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 tchar
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Permissive on purpose: docker-compose service names carry underscores.
-_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?(?:\.[A-Za-z0-9_-]+)*\.?")
-# A path goes verbatim into a request line: visible ASCII only, no spaces.
-_REQUEST_PATH = re.compile(r"/[!-~]*")
 _WILDCARD_HOSTS = ("0.0.0.0", "::")
-
-
-class _Problems:
-    """Collects a section's broken invariants so they are reported together."""
-
-    __slots__ = ("errors",)
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
-
-    def check(self, ok: bool, key: str, message: str) -> None:
-        if not ok:
-            self.errors.append(f"{key}: {message}")
-
-    def positive(self, key: str, value: float) -> None:
-        self.check(value > 0, key, "must be greater than 0")
-
-    def at_least(self, key: str, value: int, low: int) -> None:
-        self.check(value >= low, key, f"must be at least {low}")
-
-    def token(self, key: str, value: str | None, what: str) -> None:
-        if value is not None:
-            self.check(_TOKEN.fullmatch(value) is not None, key, f"not a valid {what}: {value!r}")
-
-    def env_name(self, key: str, value: str | None) -> None:
-        if value is not None:
-            ok = _ENV_NAME.fullmatch(value) is not None
-            self.check(ok, key, f"not a valid environment variable name: {value!r}")
-
-    def request_path(self, key: str, value: str) -> None:
-        ok = _REQUEST_PATH.fullmatch(value) is not None
-        self.check(
-            ok, key, f"must start with '/' and hold no spaces or control characters: {value!r}"
-        )
-
-    def raise_if_any(self) -> None:
-        if self.errors:
-            raise ConfigError(self.errors)
-
-
-def valid_host(host: str) -> bool:
-    """An IP address or a plausible DNS name (resolution happens at connect time)."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
-    return True
-
-
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    """A listen address; port 0 asks the OS for a free port (tests use it)."""
-
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        if not valid_host(self.host):
-            raise ValueError(f"not a valid host: {self.host!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError("port out of range (0-65535)")
-
-    def __str__(self) -> str:
-        return _join_host_port(self.host, self.port)
-
-
-TARGET_SCHEMES = ("http", "https")
-
-
-@dataclass(frozen=True, slots=True)
-class TargetConfig:
-    """One upstream target; ``url`` is always the normalized "http(s)://host:port"."""
-
-    url: str
-    host: str
-    port: int
-    scheme: str = "http"  # "https": TLS to the target, per the pool's ``tls``
-
-    def __post_init__(self) -> None:
-        if self.scheme not in TARGET_SCHEMES:
-            raise ValueError(f"scheme must be http or https, got {self.scheme!r}")
-        if not valid_host(self.host):
-            raise ValueError(f"not a valid host: {self.host!r}")
-        if not 1 <= self.port <= 65535:
-            raise ValueError("port out of range (1-65535)")
-        # Metrics label targets by url, so it must be one canonical spelling.
-        expected = f"{self.scheme}://{_join_host_port(self.host, self.port)}"
-        if self.url != expected:
-            raise ValueError(f"url must be the normalized form {expected!r}, got {self.url!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +46,7 @@ class UpstreamTlsConfig:
     server_name: str | None = None  # SNI and the name verified; default: the target's host
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.check(
             self.verify or self.ca_file is None,
             "ca_file",
@@ -157,7 +64,7 @@ class PoolConfig:
     tls: UpstreamTlsConfig = UpstreamTlsConfig()  # for its https:// targets
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.check(len(self.targets) > 0, "targets", "must list at least one http:// target")
         first_seen: dict[tuple[str, int], int] = {}
         for index, target in enumerate(self.targets):
@@ -194,7 +101,7 @@ class AdminConfig:
     token_env: str | None = "BGPROXY_ADMIN_TOKEN"
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.env_name("token_env", self.token_env)
         p.raise_if_any()
 
@@ -208,7 +115,7 @@ class HealthCheckConfig:
     unhealthy_threshold: int = 3
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.request_path("path", self.path)
         p.positive("interval", self.interval)
         p.positive("timeout", self.timeout)
@@ -227,7 +134,7 @@ class RoutingConfig:
     response_header: str | None = "X-Bg-Color"
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.check(self.active in COLORS, "active", f"must be 'blue' or 'green', got {self.active!r}")
         p.token("override_header", self.override_header, "HTTP header name")
         p.token("override_cookie", self.override_cookie, "cookie name")
@@ -246,7 +153,7 @@ class TimeoutsConfig:
     upstream_keepalive: float = 15.0  # idle pooled upstream connections are closed after this
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         for key in ("connect", "request_header", "upstream_response", "idle", "upstream_keepalive"):
             p.positive(key, getattr(self, key))
         p.raise_if_any()
@@ -257,7 +164,7 @@ class DrainConfig:
     timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.positive("timeout", self.timeout)
         p.raise_if_any()
 
@@ -270,7 +177,7 @@ class WebSocketConfig:
     close_grace: float = 5.0
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         window = self.reconnect_window
         if len(window) != 2:
             p.check(False, "reconnect_window", "must be two durations [earliest, latest]")
@@ -294,7 +201,7 @@ class RollbackConfig:
     failure_limit: int = 1
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.positive("window", self.window)
         p.positive("interval", self.interval)
         rate_ok = 0 <= self.max_error_rate <= 1
@@ -312,7 +219,7 @@ class SmokeProbe:
     expect_body: str | None = None  # substring the body must contain; None skips the check
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.request_path("path", self.path)
         ok = 100 <= self.expect_status <= 599
         p.check(ok, "expect_status", f"must be an HTTP status 100-599, got {self.expect_status}")
@@ -326,7 +233,7 @@ class WarmupConfig:
     concurrency: int = 4
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.at_least("requests", self.requests, 0)
         p.request_path("path", self.path)
         p.at_least("concurrency", self.concurrency, 1)
@@ -347,7 +254,7 @@ class RolloutConfig:
     auto_promote: bool = True
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         steps = self.steps
         p.check(len(steps) > 0, "steps", "must list at least one weight")
         for i, w in enumerate(steps):
@@ -373,7 +280,7 @@ class HookConfig:
     name: str = ""  # the metric label; default: the URL's host (never its path: tokens)
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.check(len(self.on) > 0, "on", f"must name at least one of {', '.join(HOOK_EVENTS)}")
         for i, what in enumerate(self.on):
             p.check(what in HOOK_EVENTS, f"on[{i}]", f"expected one of {', '.join(HOOK_EVENTS)}")
@@ -397,7 +304,7 @@ class StateConfig:
     connect_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.check(
             self.backend in STATE_BACKENDS,
             "backend",
@@ -425,7 +332,7 @@ class LimitsConfig:
     admin_max_body_bytes: int = 65536  # admin API request bodies; beyond it: 413
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.at_least("max_header_bytes", self.max_header_bytes, 1)
         p.at_least("max_headers", self.max_headers, 1)
         if self.max_body_bytes is not None:
@@ -444,125 +351,6 @@ def _may_collide(a: HostPort, b: HostPort) -> bool:
     # 0.0.0.0 takes the port on every IPv4 address, not on IPv6 ones.
     other = b.host if a.host == "0.0.0.0" else a.host if b.host == "0.0.0.0" else None
     return other is not None and ":" not in other
-
-
-ACME_CHALLENGES = ("http-01", "tls-alpn-01")
-
-
-@dataclass(frozen=True, slots=True)
-class AcmeConfig:
-    """Automatic certificates (RFC 8555); off while ``directory`` is None."""
-
-    directory: str | None = None  # the ACME server's directory URL
-    email: str | None = None
-    domains: tuple[str, ...] = ()  # empty: every exact host of every service
-    challenge: str = "http-01"
-    storage: str = "acme/"  # account key, keys and certificates, kept across restarts
-    ca_file: str | None = None  # extra CA trusted for the ACME server itself
-    renew_before: float = 30 * 86400.0
-
-    def __post_init__(self) -> None:
-        p = _Problems()
-        if self.directory is not None:
-            p.check(
-                self.directory.startswith("https://") and len(self.directory) > 8,
-                "directory",
-                f"expected an https:// URL, got {self.directory!r}",
-            )
-        if self.email is not None:
-            local, at, domain = self.email.partition("@")
-            ok = bool(local and at and "." in domain) and " " not in self.email
-            p.check(ok, "email", f"not an email address: {self.email!r}")
-        # Neither challenge can validate a wildcard (RFC 8555 §8.3, RFC 8737 §3): DNS-01 only.
-        method = "TLS-ALPN-01" if self.challenge == "tls-alpn-01" else "HTTP-01"
-        for i, name in enumerate(self.domains):
-            if name.startswith("*"):
-                p.check(False, f"domains[{i}]", f"{method} cannot validate a wildcard: {name!r}")
-            else:
-                ok = valid_host(name) and "." in name.strip(".") and not _is_ip(name)
-                p.check(ok, f"domains[{i}]", f"not a DNS name: {name!r}")
-        p.check(
-            self.challenge in ACME_CHALLENGES,
-            "challenge",
-            f"must be 'http-01' or 'tls-alpn-01', got {self.challenge!r}",
-        )
-        p.check(bool(self.storage), "storage", "must name a directory")
-        p.positive("renew_before", self.renew_before)
-        p.raise_if_any()
-
-    @property
-    def enabled(self) -> bool:
-        return self.directory is not None
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-MIN_TLS_VERSIONS = ("1.2", "1.3")
-# An ALPN protocol id is 1-255 bytes; the ones worth naming are printable.
-_ALPN = re.compile(r"[!-~]{1,255}")
-# One header value (RFC 6797 directives): printable, no control characters.
-_HSTS = re.compile(r"[ -~]+")
-
-
-@dataclass(frozen=True, slots=True)
-class CertificateConfig:
-    cert: str  # PEM: the certificate, optionally followed by its chain
-    key: str  # PEM: its private key, unencrypted
-
-
-@dataclass(frozen=True, slots=True)
-class TlsConfig:
-    acme: AcmeConfig = AcmeConfig()
-    listen: HostPort | None = None  # None: no HTTPS listener
-    certificates: tuple[CertificateConfig, ...] = ()
-    min_version: str = "1.2"
-    alpn: tuple[str, ...] = ("http/1.1",)
-    redirect_http: bool = False
-    hsts: str | None = None  # the Strict-Transport-Security value, e.g. "max-age=31536000"
-    handshake_timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        p = _Problems()
-        p.check(
-            self.min_version in MIN_TLS_VERSIONS,
-            "min_version",
-            f'must be "1.2" or "1.3", got {self.min_version!r}',
-        )
-        p.check(len(self.alpn) > 0, "alpn", "must list at least one protocol, e.g. http/1.1")
-        for i, proto in enumerate(self.alpn):
-            p.check(
-                _ALPN.fullmatch(proto) is not None, f"alpn[{i}]", f"not a protocol id: {proto!r}"
-            )
-        if self.hsts is not None:
-            ok = _HSTS.fullmatch(self.hsts) is not None and "max-age" in self.hsts.lower()
-            p.check(
-                ok, "hsts", f'expected a header value like "max-age=31536000", got {self.hsts!r}'
-            )
-        p.positive("handshake_timeout", self.handshake_timeout)
-        if self.listen is not None:
-            p.check(
-                len(self.certificates) > 0 or self.acme.enabled,
-                "certificates",
-                "required with tls.listen (unless tls.acme obtains them):"
-                " a list of {cert: FILE, key: FILE}",
-            )
-        p.check(
-            not self.acme.enabled or self.listen is not None,
-            "acme",
-            "needs tls.listen (the HTTPS listener that serves what it obtains)",
-        )
-        p.check(
-            not self.redirect_http or self.listen is not None,
-            "redirect_http",
-            "needs tls.listen (the HTTPS listener to redirect to)",
-        )
-        p.raise_if_any()
 
 
 # A service name goes into URLs, metric labels and Redis keys: keep it plain.
@@ -613,7 +401,7 @@ class ServiceConfig:
     hooks: tuple[HookConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         p.check(
             SERVICE_NAME.fullmatch(self.name) is not None,
             "name",
@@ -660,7 +448,7 @@ class Config:
     tracing: TracingConfig = TracingConfig()
 
     def __post_init__(self) -> None:
-        p = _Problems()
+        p = Problems()
         if self.tls.listen is not None:
             p.check(
                 not _may_collide(self.tls.listen, self.listen),
@@ -715,7 +503,7 @@ class Config:
             return self.tls.acme.domains
         names = (
             host for svc in self.services for host in svc.hosts
-            if "*" not in host and "." in host and not _is_ip(host.strip("[]"))
+            if "*" not in host and "." in host and not is_ip(host.strip("[]"))
         )  # fmt: skip
         return tuple(dict.fromkeys(names))
 

@@ -1,8 +1,9 @@
-"""The certificate files of the ``tls`` section (SPEC "TLS at the edge").
+"""The ``tls`` section (SPEC "TLS at the edge"): its classes and its certificate files.
 
-``TlsConfig`` (schema.py) holds the listener's settings. Here, ``inspect_pair`` reads one
-certificate and its key with the ``cryptography`` package and says what is wrong with
-them in words a config error can carry (unreadable, not PEM, key not matching);
+``TlsConfig`` holds the listener's settings, ``AcmeConfig`` automatic certificates
+(``schema.Config`` holds a ``TlsConfig``). ``inspect_pair`` reads one certificate and its
+key with the ``cryptography`` package and says what is wrong with them in words a config
+error can carry (unreadable, not PEM, key not matching);
 ``check_certificates`` names each problem by its key path, ``tls.certificates[0].key:
 ...``, makes an expired certificate an error and one that expires within
 ``EXPIRY_WARNING`` a warning. The proxy's certificate store reads files through the same
@@ -12,9 +13,122 @@ functions, so ``bgproxy check`` and a reload judge a file alike.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 
-from .schema import CertificateConfig, TlsConfig
+from .errors import Problems
+from .values import HostPort, is_ip, valid_host
+
+ACME_CHALLENGES = ("http-01", "tls-alpn-01")
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    """Automatic certificates (RFC 8555); off while ``directory`` is None."""
+
+    directory: str | None = None  # the ACME server's directory URL
+    email: str | None = None
+    domains: tuple[str, ...] = ()  # empty: every exact host of every service
+    challenge: str = "http-01"
+    storage: str = "acme/"  # account key, keys and certificates, kept across restarts
+    ca_file: str | None = None  # extra CA trusted for the ACME server itself
+    renew_before: float = 30 * 86400.0
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        if self.directory is not None:
+            p.check(
+                self.directory.startswith("https://") and len(self.directory) > 8,
+                "directory",
+                f"expected an https:// URL, got {self.directory!r}",
+            )
+        if self.email is not None:
+            local, at, domain = self.email.partition("@")
+            ok = bool(local and at and "." in domain) and " " not in self.email
+            p.check(ok, "email", f"not an email address: {self.email!r}")
+        # Neither challenge can validate a wildcard (RFC 8555 §8.3, RFC 8737 §3): DNS-01 only.
+        method = "TLS-ALPN-01" if self.challenge == "tls-alpn-01" else "HTTP-01"
+        for i, name in enumerate(self.domains):
+            if name.startswith("*"):
+                p.check(False, f"domains[{i}]", f"{method} cannot validate a wildcard: {name!r}")
+            else:
+                ok = valid_host(name) and "." in name.strip(".") and not is_ip(name)
+                p.check(ok, f"domains[{i}]", f"not a DNS name: {name!r}")
+        p.check(
+            self.challenge in ACME_CHALLENGES,
+            "challenge",
+            f"must be 'http-01' or 'tls-alpn-01', got {self.challenge!r}",
+        )
+        p.check(bool(self.storage), "storage", "must name a directory")
+        p.positive("renew_before", self.renew_before)
+        p.raise_if_any()
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+
+MIN_TLS_VERSIONS = ("1.2", "1.3")
+# An ALPN protocol id is 1-255 bytes; the ones worth naming are printable.
+_ALPN = re.compile(r"[!-~]{1,255}")
+# One header value (RFC 6797 directives): printable, no control characters.
+_HSTS = re.compile(r"[ -~]+")
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str  # PEM: the certificate, optionally followed by its chain
+    key: str  # PEM: its private key, unencrypted
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    acme: AcmeConfig = AcmeConfig()
+    listen: HostPort | None = None  # None: no HTTPS listener
+    certificates: tuple[CertificateConfig, ...] = ()
+    min_version: str = "1.2"
+    alpn: tuple[str, ...] = ("http/1.1",)
+    redirect_http: bool = False
+    hsts: str | None = None  # the Strict-Transport-Security value, e.g. "max-age=31536000"
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(
+            self.min_version in MIN_TLS_VERSIONS,
+            "min_version",
+            f'must be "1.2" or "1.3", got {self.min_version!r}',
+        )
+        p.check(len(self.alpn) > 0, "alpn", "must list at least one protocol, e.g. http/1.1")
+        for i, proto in enumerate(self.alpn):
+            p.check(
+                _ALPN.fullmatch(proto) is not None, f"alpn[{i}]", f"not a protocol id: {proto!r}"
+            )
+        if self.hsts is not None:
+            ok = _HSTS.fullmatch(self.hsts) is not None and "max-age" in self.hsts.lower()
+            p.check(
+                ok, "hsts", f'expected a header value like "max-age=31536000", got {self.hsts!r}'
+            )
+        p.positive("handshake_timeout", self.handshake_timeout)
+        if self.listen is not None:
+            p.check(
+                len(self.certificates) > 0 or self.acme.enabled,
+                "certificates",
+                "required with tls.listen (unless tls.acme obtains them):"
+                " a list of {cert: FILE, key: FILE}",
+            )
+        p.check(
+            not self.acme.enabled or self.listen is not None,
+            "acme",
+            "needs tls.listen (the HTTPS listener that serves what it obtains)",
+        )
+        p.check(
+            not self.redirect_http or self.listen is not None,
+            "redirect_http",
+            "needs tls.listen (the HTTPS listener to redirect to)",
+        )
+        p.raise_if_any()
+
 
 EXPIRY_WARNING = dt.timedelta(days=14)
 

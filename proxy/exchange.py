@@ -1,10 +1,11 @@
 """The exchange half of a client connection: upstream, response, tunnel and the ends.
 
-``ClientConnection`` (proxy/listener.py) parses and routes requests; this base class holds
-the per-connection state and what happens once a request has somewhere to go: attaching
-a pooled upstream connection, backpressure between the two, the callbacks the upstream
-connection makes as the response arrives, the switch to a tunnel, and every way an
-exchange ends (a response, an error reply, a cut stream).
+``ClientConnection`` (proxy/listener.py) reads requests and ``Dispatcher``
+(proxy/dispatch.py) routes them; this base class of both holds the per-connection state
+and what happens once a request has somewhere to go: attaching a pooled upstream
+connection, backpressure between the two, the callbacks the upstream connection makes as
+the response arrives, the switch to a tunnel, and every way an exchange ends (a
+response, an error reply, a cut stream).
 """
 
 from __future__ import annotations

@@ -4,74 +4,28 @@
 cimport cython
 
 from proxy.interfaces cimport ResponseSink
+from proxy.response cimport ResponseReader
 
-cdef dict _STATUS_LINES
-cdef frozenset _NO_BODY_STATUS
-cdef int _R_CL, _R_TE, _R_CONN, _R_HOP
-cdef dict _RESPONSE_SPECIAL
-cdef dict _CONN_VALUES
-cdef int _RAW, _CHUNKED, _NONE
 cdef bint _FAST
-cdef dict _SPECIAL_BY_LENGTH
-cdef bytes _SPECIAL_HINTS
 
-from proxy.http1 cimport connection_close, field_kind, head_end, line_end, token_end
-
-@cython.locals(line=bytes)
-cdef bytes _status_line(int status, bytes reason)
+from proxy.http1 cimport head_end
 
 
-cdef _end_head(list lines, ResponseSink client)
-
-
-cdef class UpstreamConnection:
-    cdef public bint _body_until_eof
-    cdef public int _framing
-    cdef public list _headers
-    cdef public bint _interim
-    cdef public bint _keep_alive
-    cdef public list _out
-    cdef public bytes _reason
-    cdef public object _trailers
-    cdef public ResponseSink client
-    cdef public bint at_start
-    cdef public Py_ssize_t _remaining
+cdef class UpstreamConnection(ResponseReader):
     cdef public bint closed
     cdef public object connected
-    cdef public bint done
     cdef public double idle_since
-    cdef public bint is_head
-    cdef public object parser
     cdef public ConnectionPool pool
-    cdef public bint request_done
-    cdef public bint response_started
     cdef public bint reused
     cdef public object transport
-    cdef public bint tunnel
-    cdef public bint upgrade_requested
     cdef public object upstream
 
-    cdef _reset_exchange(self)
     cpdef begin(self, ResponseSink client, bint is_head, bint upgrade)
     cpdef send(self, bytes data)
     cpdef close(self)
     cpdef abort(self)
-    cdef bint _reusable(self)
-    @cython.locals(i=Py_ssize_t, j=Py_ssize_t, c=int, status=int, line=Py_ssize_t, close=int,
-                   run=Py_ssize_t, length=Py_ssize_t, keep_alive=bint, name_end=Py_ssize_t,
-                   value=Py_ssize_t, value_end=Py_ssize_t, nxt=Py_ssize_t, kind=int,
-                   parts=list, body=Py_ssize_t)
-    cdef bint _fast_response(self, bytes data, Py_ssize_t end) except -1
-    @cython.locals(remaining=Py_ssize_t)
-    cdef _fast_body(self, bytes data)
-    cdef _fast_end(self)
     cdef _fail(self, exc)
-    cdef _finish_head_response(self, bytes data)
     cdef _start_tunnel(self, bytes rest)
-    cdef bytes _head(self, int status, bytes extra, bint close, bint te)
-    @cython.locals(lines=list, has_cl=bint, has_te=bint, name=bytes, value=bytes, low=bytes,
-                   kind=int, te=bint)
-    cdef bytes _final_head(self, int status, ResponseSink client)
 
 
 cdef class ConnectionPool:

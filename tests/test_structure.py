@@ -1,6 +1,6 @@
-"""The shape of the code, checked so it stays that way: no import cycles (runtime,
-``TYPE_CHECKING``-only, in a function, or a ``.pxd`` cimport), and every compiled class's
-``.pxd`` declaring exactly the attributes its ``.py`` class uses.
+"""The shape of the code, checked so it stays that way: no module over 600 lines, no
+import cycles (runtime, ``TYPE_CHECKING``-only, in a function, or a ``.pxd`` cimport), and
+every compiled class's ``.pxd`` declaring exactly the attributes its ``.py`` class uses.
 """
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+
+# DESIGN.md: one module per concern, split past ~600 lines (along a seam, not a cut).
+MAX_LINES = 600
+
+
+def test_no_module_is_over_600_lines() -> None:
+    assert {name.split(".")[0] for name in MODULES} == set(PACKAGES)  # it sees every package
+    lines = {name: len(p.read_text(encoding="utf-8").splitlines()) for name, p in MODULES.items()}
+    too_long = {name: n for name, n in lines.items() if n > MAX_LINES}
+    assert too_long == {}, f"over {MAX_LINES} lines, split along a seam: {too_long}"
 
 
 def _imports(name: str, path: Path) -> set[str]:
