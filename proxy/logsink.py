@@ -144,6 +144,15 @@ class LineSink:
         self.flush()
         self._trim()
 
+    def write_pieces(self, pieces: list[tuple[bytes, int]]) -> None:
+        """Queue pieces already cut as ``write_lines`` cuts them (whole lines, at most
+        PIPE_BUF bytes; with their line counts), then write what the destination takes."""
+        for piece in pieces:
+            self._queue.append(piece)
+            self._queued += len(piece[0])
+        self.flush()
+        self._trim()
+
     def _trim(self) -> None:
         # A stalled reader must not make the proxy hold unbounded memory.
         queue = self._queue

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from config import Config
 from config.observability import request_ids_on
-from proxy.accesslog import R_TRACE, AccessLog
+from proxy.accesslog import AccessLog
+from proxy.logformat import R_TRACE
 from proxy.router import Reason
 from proxy.tracing import RequestIds, Span, Tracer
 
