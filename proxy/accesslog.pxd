@@ -28,5 +28,5 @@ cdef class AccessLog:
     @cython.locals(pending=list)
     cdef _append(self, str line)
     @cython.locals(pending=list, pieces=list, start=Py_ssize_t, size=Py_ssize_t,
-                   i=Py_ssize_t, n=Py_ssize_t)
+                   i=Py_ssize_t, n=Py_ssize_t, most=Py_ssize_t)
     cpdef flush(self)

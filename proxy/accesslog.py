@@ -4,9 +4,9 @@ When a request ends, the request path hands its values to ``AccessLog.request`` 
 call with C values in the compiled build, no tuple) and the line is made at once
 (proxy/logformat.py) and kept, as text, in a list. Writing happens later, off the
 request's callback: a timer a few milliseconds out (or a full batch) joins the pending
-lines into pieces of whole lines of at most ``PIPE_BUF`` bytes and hands them to the
-``LineSink`` (proxy/logsink.py), one ``write()`` a piece. With the log off, the request
-path checks one pointer.
+lines into pieces of whole lines (at most ``PIPE_BUF`` bytes to a pipe, 64 KiB to a
+file) and hands them to the ``LineSink`` (proxy/logsink.py), one ``write()`` a piece.
+With the log off, the request path checks one pointer.
 
 WebSocket sessions, traced requests and the proxy's own refusals come as a record tuple
 (``add``, ``rejected``), formatted the same way.
@@ -172,13 +172,14 @@ class AccessLog:
             return
         self.pending = []
         self._lines.clock.refresh()  # NTP may step the wall clock; requests keep monotonic
-        # Pieces of whole lines, each at most PIPE_BUF bytes: one write() each.
+        # Pieces of whole lines, each at most piece_max bytes: one write() each.
         pieces = []
         start = 0
         size = 0
+        most = self.sink.piece_max
         for i in range(len(pending)):
             n = len(pending[i])
-            if size + n > PIPE_BUF and size:
+            if size + n > most and size:
                 pieces.append(("".join(pending[start:i]).encode("latin-1"), i - start))
                 start = i
                 size = 0

@@ -29,16 +29,15 @@ cdef object _field(bytes head, bytes low, bytes name)
 cdef class _Clock:
     cdef public double offset
     cdef public long long _second
-    cdef public bytes _iso
+    cdef public str _iso
     cdef public bytes _clf
     cdef public str _clf_str
     cdef public long long _ms
-    cdef public bytes _ms_text
     cdef public str _ms_str
     cpdef refresh(self)
     cdef _set(self, long long second)
-    @cython.locals(ms=cython.longlong, second=cython.longlong)
     cpdef bytes iso(self, double mono)
+    @cython.locals(ms=cython.longlong, second=cython.longlong, text=str)
     cpdef str iso_text(self, double mono)
     @cython.locals(second=cython.longlong)
     cpdef bytes clf(self, double mono)
@@ -67,7 +66,10 @@ cdef str _json_line(_Clock clock, _Names names, str segment, double end, str cli
 @cython.locals(n=Py_ssize_t)
 cdef Py_ssize_t _given_size(bytes method, bytes target, bytes version, bytes rid, bytes agent,
                             bytes referer, Py_ssize_t cap) except -2
-cdef str _quoted(bytes value)
+cdef tuple _QUOTE, _STATUS
+cdef Py_ssize_t _LINE_MAX
+cdef str _text(bytes value)
+cdef str _status_text(int status)
 @cython.locals(common=str)
 cpdef bytes format_combined(tuple rec, _Clock clock, _Names names)
 cdef str _combined_segment(str service, str color)

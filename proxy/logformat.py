@@ -176,16 +176,15 @@ def header_values(head: object) -> tuple[bytes | None, bytes | None]:
 class _Clock:
     """Wall-clock text for monotonic times, the second's prefix built once."""
 
-    __slots__ = ("_clf", "_clf_str", "_iso", "_ms", "_ms_str", "_ms_text", "_second", "offset")
+    __slots__ = ("_clf", "_clf_str", "_iso", "_ms", "_ms_str", "_second", "offset")
 
     def __init__(self) -> None:
         self.offset = time.time() - time.monotonic()
         self._second = -1
-        self._iso = b""
+        self._iso = ""
         self._clf = b""
         self._clf_str = ""
         self._ms = -1
-        self._ms_text = b""
         self._ms_str = ""
 
     def refresh(self) -> None:
@@ -195,27 +194,25 @@ class _Clock:
     def _set(self, second: int) -> None:
         t = time.gmtime(second)
         self._second = second
-        self._iso = time.strftime("%Y-%m-%dT%H:%M:%S", t).encode()
+        self._iso = time.strftime("%Y-%m-%dT%H:%M:%S", t)
         self._clf = b"%02d/%s/%04d:%02d:%02d:%02d +0000" % (
             t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec
         )  # fmt: skip
         self._clf_str = self._clf.decode()
 
     def iso(self, mono: float) -> bytes:
+        return self.iso_text(mono).encode()
+
+    def iso_text(self, mono: float) -> str:
         ms = int((mono + self.offset) * 1000)
         if ms == self._ms:  # under load, many lines share a millisecond
-            return self._ms_text
+            return self._ms_str
         second = ms // 1000
         if second != self._second:
             self._set(second)
         self._ms = ms
-        text = self._ms_text = b"%s.%03dZ" % (self._iso, ms % 1000)
-        self._ms_str = text.decode()
+        text = self._ms_str = f"{self._iso}.{ms % 1000:03d}Z"
         return text
-
-    def iso_text(self, mono: float) -> str:
-        self.iso(mono)
-        return self._ms_str
 
     def clf(self, mono: float) -> bytes:
         second = int(mono + self.offset)
@@ -329,14 +326,16 @@ def _json_line(
     line = (
         f'{{"time":"{clock.iso_text(end)}","client":{texts.get(client) or names.text(client)},'
         f'"method":"{method.decode("ascii")}","target":"{target.decode("ascii")}",'
-        f'"version":"{version.decode("ascii")}","status":{status},'
+        f'"version":"{version.decode("ascii")}","status":{_status_text(status)},'
         f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
         f'"duration":{us // 1000000}.{us % 1000000:06d},'
         f'"upstream_time":{up_us // 1000000}.{up_us % 1000000:06d},{segment},'
-        f'"request_id":{_quoted(rid)},"user_agent":{_quoted(agent)},'
-        f'"referer":{_quoted(referer)},"tls":{texts.get(tls) or names.text(tls)},"sni":null}}\n'
+        f'"request_id":{_QUOTE[rid is not None]}{_text(rid)}{_QUOTE[rid is not None]},'
+        f'"user_agent":{_QUOTE[agent is not None]}{_text(agent)}{_QUOTE[agent is not None]},'
+        f'"referer":{_QUOTE[referer is not None]}{_text(referer)}{_QUOTE[referer is not None]},'
+        f'"tls":{texts.get(tls) or names.text(tls)},"sni":null}}\n'
     )
-    return line if len(line) < PIPE_BUF else None
+    return line if len(line) < _LINE_MAX else None
 
 
 def _given_size(
@@ -365,8 +364,19 @@ def _given_size(
     return n
 
 
-def _quoted(value: bytes | None) -> str:
-    return "null" if value is None else '"' + value.decode("ascii") + '"'
+# Pieces of the common line: a quote around a value that is there, none around null;
+# the text of the usual statuses made once.
+_QUOTE = ("", '"')
+_STATUS = tuple(str(n) for n in range(600))
+_LINE_MAX = PIPE_BUF
+
+
+def _text(value: bytes | None) -> str:
+    return "null" if value is None else value.decode("ascii")
+
+
+def _status_text(status: int) -> str:
+    return _STATUS[status] if 0 <= status < 600 else str(status)
 
 
 def _slow_json(
@@ -466,10 +476,11 @@ def _combined_line(
         seconds = f"{ms // 1000}.{ms % 1000:03d}"
     line = (
         f'{names.clf(client)} - - [{clock.clf_text(end)}] "{method.decode("ascii")} '
-        f'{target.decode("ascii")} HTTP/{version.decode("ascii")}" {status} {bytes_out} '
+        f'{target.decode("ascii")} HTTP/{version.decode("ascii")}" '
+        f'{_status_text(status)} {bytes_out} '
         f'"{_dashed(referer)}" "{_dashed(agent)}" {segment} "{_dashed(rid)}" {seconds}\n'
     )
-    return line if len(line) < PIPE_BUF else None
+    return line if len(line) < _LINE_MAX else None
 
 
 def _dashed(value: bytes | None) -> str:
