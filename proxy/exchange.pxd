@@ -4,6 +4,7 @@ cimport cython
 
 from proxy.accesslog cimport AccessLog
 from proxy.interfaces cimport ResponseSink
+from proxy.observability cimport Observer
 from proxy.request cimport Request
 from proxy.server cimport ProxyServer
 from proxy.service cimport Service
@@ -79,7 +80,7 @@ cdef class Exchange(ResponseSink):
     cdef UpstreamConnection _detach(self)
     cdef _fail(self, exc)
     cpdef _reply(self, reply)
-    @cython.locals(access=AccessLog)
+    @cython.locals(access=AccessLog, observer=Observer)
     cdef _end_exchange(self, bint aborted)
     @cython.locals(n=Py_ssize_t, headers=list, req=Request)
     cdef Py_ssize_t _head_size(self) except -1

@@ -17,7 +17,7 @@ cpdef tuple head_fields(object head)
 @cython.locals(n=Py_ssize_t, i=Py_ssize_t)
 cdef tuple _scan(bytes head)
 @cython.locals(m=Py_ssize_t, k=Py_ssize_t, c=int)
-cdef bint _named(bytes head, Py_ssize_t at, bytes name) except -1
+cpdef bint _named(bytes head, Py_ssize_t at, bytes name) except -1
 @cython.locals(n=Py_ssize_t, e=Py_ssize_t)
 cdef bytes _value(bytes head, Py_ssize_t i)
 @cython.locals(low=bytes)
