@@ -722,7 +722,9 @@ def bgproxy_command(
     else:
         log("bgproxy not on PATH; falling back to `python -m proxy -c FILE`")
         cmd = [*taskset(cpu), sys.executable, "-m", "proxy", "-c", str(conf), *extra]
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # The checkout this benchmark runs from, not whichever one `pip install -e` points at
+    # (the console script would import that one: a worktree would measure main's code).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return cmd, env
 
 

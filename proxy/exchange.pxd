@@ -2,7 +2,9 @@
 
 cimport cython
 
+from proxy.accesslog cimport AccessLog
 from proxy.interfaces cimport ResponseSink
+from proxy.observability cimport Observer
 from proxy.request cimport Request
 from proxy.server cimport ProxyServer
 from proxy.service cimport Service
@@ -78,10 +80,13 @@ cdef class Exchange(ResponseSink):
     cdef UpstreamConnection _detach(self)
     cdef _fail(self, exc)
     cpdef _reply(self, reply)
+    @cython.locals(access=AccessLog, observer=Observer)
     cdef _end_exchange(self, bint aborted)
     @cython.locals(n=Py_ssize_t, headers=list, req=Request)
     cdef Py_ssize_t _head_size(self) except -1
     @cython.locals(end=double, service=Service, ws=WebSocketRelay, req=Request)
     cdef tuple _log_record(self, int status, observer)
+    @cython.locals(end=double, service=Service, req=Request)
+    cdef _log_request(self, AccessLog access, int status)
     cdef _flush_upstream(self, list out)
     cdef _to_upstream(self, bytes data)

@@ -31,6 +31,7 @@ from proxy.state import Color
 from proxy.websocket import WebSocketRelay
 
 if TYPE_CHECKING:
+    from proxy.accesslog import AccessLog
     from proxy.observability import Observer
     from proxy.pools import Upstream
     from proxy.router import Reason
@@ -366,7 +367,27 @@ class Exchange(ResponseSink):
                 # The one place a routed request or WebSocket session ends, however it ends.
                 # A client gone before the response: 499, as nginx logs it.
                 status = self._status if self._response_started else 499
-                observer.finish(self._log_record(status, observer))
+                access = observer.access
+                if access is not None and self.ws is None and self._span is None:
+                    self._log_request(access, status)
+                else:
+                    observer.finish(self._log_record(status, observer))
+
+    def _log_request(self, access: AccessLog, status: int) -> None:
+        """The common case: the values handed to the access log as they are (a C call
+        with C values in the compiled build), no record built."""
+        end = monotonic()
+        req = self.req
+        service = self.service
+        access.request(
+            end, self._client or self.peer, req.method, req.url, self.http11, status,
+            self._head_size() + self._body_bytes, self._bytes_out,
+            end - self._started if self._started else 0.0, self._up_time,
+            service.name if service is not None else None, self.color, self._reason,
+            self.upstream, self._rid,
+            self._raw_head if self._raw_head is not None else req.headers, self._tls_version,
+            self._sni,
+        )  # fmt: skip
 
     def _head_size(self) -> int:
         """The request head's bytes: counted exactly by the fast path; llhttp's path

@@ -1,11 +1,13 @@
 """Where access-log lines go: stdout, stderr or a file, never blocking the event loop.
 
 Lines from several processes (``--workers``) share one destination and must never
-interleave. The guarantee rests on one rule: **every ``write()`` carries whole lines and
-at most ``PIPE_BUF`` (4096) bytes**. POSIX makes such a write to a pipe atomic, and on
-a file opened with ``O_APPEND`` the kernel moves the offset to the end and copies the
-bytes under the file's lock in one step, so two processes' writes land one after the
-other. A line longer than that is cut to fit before it gets here (accesslog.py).
+interleave. The guarantee rests on one rule: **every ``write()`` carries whole lines, and
+to anything but a file opened here at most ``PIPE_BUF`` (4096) bytes**. POSIX makes such
+a write to a pipe atomic, and on a file opened with ``O_APPEND`` the kernel moves the
+offset to the end and copies the bytes under the file's lock in one step, so two
+processes' writes land one after the other (there, pieces of up to 64 KiB: fewer
+writes). A line longer than ``PIPE_BUF`` is cut to fit before it gets here
+(logformat.py).
 
 Nothing here may stall the data plane:
 
@@ -32,6 +34,10 @@ from collections import deque
 log = logging.getLogger("bgproxy.accesslog")
 
 PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
+# A file this process opened with O_APPEND takes bigger pieces: the kernel appends each
+# write() whole under the file's lock whatever its size, and nginx's buffer=64k shows
+# what fewer writes are worth.
+FILE_PIECE = 64 * 1024
 WARN_EVERY = 60.0
 REOPEN_EVERY = 1.0
 STREAMS = {"stdout": 1, "stderr": 2}
@@ -72,6 +78,7 @@ class LineSink:
         self.backlog = backlog
         self.dropped = 0  # lines
         self.fd = -1
+        self.piece_max = PIPE_BUF  # bytes of whole lines per write()
         self._queue: deque[tuple[bytes, int]] = deque()  # (piece, its line count)
         self._queued = 0
         self._warned_at = -WARN_EVERY
@@ -91,6 +98,8 @@ class LineSink:
                 if _is_fifo(dest):  # a named pipe to a log shipper: never wait on it
                     flags |= os.O_NONBLOCK
                 self.fd = os.open(dest, flags, 0o644)
+                if stat.S_ISREG(os.fstat(self.fd).st_mode):
+                    self.piece_max = FILE_PIECE
         except OSError as exc:
             self.fd = -1
             self._open_failed_at = time.monotonic()
@@ -141,6 +150,15 @@ class LineSink:
         if piece:
             queue.append((b"".join(piece), len(piece)))
             self._queued += size
+        self.flush()
+        self._trim()
+
+    def write_pieces(self, pieces: list[tuple[bytes, int]]) -> None:
+        """Queue pieces of whole lines, each at most ``piece_max`` bytes, with their line
+        counts, then write what the destination takes."""
+        for piece in pieces:
+            self._queue.append(piece)
+            self._queued += len(piece[0])
         self.flush()
         self._trim()
 

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any
 
-from proxy.accesslog import (
+from proxy.logformat import (
     R_CLIENT,
     R_COLOR,
     R_DURATION,

@@ -27,13 +27,15 @@ ZERO_SPAN = b"0" * 16
 class RequestIds:
     """``next()``: this process's next request ID, as bytes."""
 
+    __slots__ = ("count", "prefix")
+
     def __init__(self) -> None:
         self.prefix = os.urandom(6).hex().encode() + b"-"
         self.count = 0
 
     def next(self) -> bytes:
         self.count += 1
-        return self.prefix + b"%x" % self.count
+        return self.prefix + f"{self.count:x}".encode()  # joined in C when compiled
 
 
 def valid_request_id(value: bytes) -> bool:

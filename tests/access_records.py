@@ -6,7 +6,7 @@ import re
 import time
 from typing import Any
 
-from proxy.accesslog import RECORD_SIZE
+from proxy.logformat import RECORD_SIZE
 
 COMBINED = re.compile(
     rb'(?P<client>\S+) - - \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d+) '

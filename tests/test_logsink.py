@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,16 @@ from pathlib import Path
 import pytest
 from access_records import COMBINED, record
 
-from proxy.accesslog import AccessLog, clf_text, format_combined, json_text
+from proxy.accesslog import AccessLog
+from proxy.logformat import (
+    _Clock,
+    _Names,
+    clf_text,
+    format_combined,
+    head_fields,
+    header_values,
+    json_text,
+)
 from proxy.logsink import PIPE_BUF, LineSink
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +37,8 @@ HOSTILE = [
     b"\x00\x01\x1b[31mred\x1b[0m\x7f",
     b"\xff\xfe invalid utf-8 \xc3",
     "é ü 漢字 \u2028 line separator".encode(),
-    b"}{\"status\":200,\"fake\":true",
+    b'}{"status":200,"fake":true',
+    b"nul\x00byte",  # NUL alone: the common line's check must not let it through raw
     b"x" * 9000,
 ]
 
@@ -55,11 +66,7 @@ async def test_hostile_values_keep_one_json_object_per_line(value: bytes, tmp_pa
 
 @pytest.mark.parametrize("value", HOSTILE)
 def test_hostile_values_keep_one_combined_line(value: bytes) -> None:
-    from proxy.accesslog import _Clock, _Names
-
-    line = format_combined(
-        record(target=value, head=[(b"user-agent", value)]), _Clock(), _Names()
-    )
+    line = format_combined(record(target=value, head=[(b"user-agent", value)]), _Clock(), _Names())
     assert line.count(b"\n") == 1 and line.endswith(b"\n")
     assert all(0x20 <= c < 0x7F for c in line[:-1])
     # What a combined-log parser (GoAccess, awk on quotes) reads: the fields stay apart.
@@ -68,6 +75,38 @@ def test_hostile_values_keep_one_combined_line(value: bytes) -> None:
     assert m["request"] == b"GET %s HTTP/1.1" % clf_text(value[:2048])
     assert m["agent"] == clf_text(value[:1024])
     assert (m["status"], m["color"], m["rid"]) == (b"200", b"blue", b"rid-1")
+
+
+def test_the_head_scan_reads_what_the_reference_reader_reads() -> None:
+    # The compiled build finds the user agent and referer in a raw head by a C loop; the
+    # reference is a lower-case copy and find(). Odd cases: any case, white space around
+    # values, a field twice, look-alike names, a name in a value, no final line end.
+    rng = random.Random(18)
+    names = [b"User-Agent", b"user-agent", b"USER-AGENT", b"Referer", b"rEfErEr", b"X-User-Agent",
+             b"User-Agents", b"Referer-Policy", b"Host", b"Accept"]  # fmt: skip
+    values = [b"", b"a", b" padded \t", b"\x0bvt\x0c", b"x: user-agent: y", b"\xff\x00z",
+              b"Mozilla/5.0 (X11)", b"referer:"]  # fmt: skip
+    for _ in range(3000):
+        lines = [b"GET /%d HTTP/1.1" % rng.randrange(9)]
+        for _ in range(rng.randrange(6)):
+            lines.append(rng.choice(names) + rng.choice([b":", b": ", b":\t"]) + rng.choice(values))
+        head = b"\r\n".join(lines) + rng.choice([b"\r\n\r\n", b"\r\n", b"", b"\r"])
+        assert head_fields(head) == header_values(head), head
+    assert head_fields(None) == (None, None)
+    assert head_fields([(b"USER-AGENT", b"u"), (b"referer", b"r")]) == (b"u", b"r")
+
+
+@pytest.mark.parametrize(
+    "duration", [0.0, 0.0005, 0.0015, 0.0025, 0.1235, 1.0005, 2.9995, 12.34549]
+)
+def test_combined_duration_is_printf_text(duration: float) -> None:
+    # Whole milliseconds by integer arithmetic, except near a tie: the text is always
+    # what "%.3f" prints (nginx's $request_time has three decimals too).
+    rng = random.Random(duration)
+    for d in [duration, *(duration + rng.uniform(-1e-3, 1e-3) for _ in range(200))]:
+        d = max(d, 0.0)
+        line = format_combined(record(duration=d), _Clock(), _Names())
+        assert line.rstrip(b"\n").rsplit(b" ", 1)[1] == b"%.3f" % d
 
 
 def test_escaping_is_what_nginx_and_json_readers_expect() -> None:
@@ -117,7 +156,9 @@ def test_processes_appending_to_one_file_never_interleave(tmp_path: Path) -> Non
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, str(path), str(w), str(n)],
-            cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         for w in range(workers)
     ]
@@ -142,7 +183,9 @@ def test_processes_sharing_one_pipe_never_interleave(tmp_path: Path) -> None:
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, "stdout", str(w), str(n)],
-            cwd=ROOT, stdout=reader.stdin, stderr=subprocess.PIPE,
+            cwd=ROOT,
+            stdout=reader.stdin,
+            stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         for w in range(workers)

@@ -4,6 +4,7 @@ OTLP/HTTP receiver."""
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from otlp_receiver import OtlpReceiver, start_receiver
 
 from conftest import Proxy, StartProxy, Upstream, config_dict
+from proxy.observability import Observer
 from proxy.tracing import RequestIds, Tracer, parse_traceparent, valid_request_id
 
 GOOD = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -189,3 +191,20 @@ async def test_without_an_endpoint_traceparent_passes_through_untouched(
     assert (await proxy.get("/p", headers=headers))[0] == 200
     sent = {k.lower(): v for k, v in upstreams["blue"].behaviour.seen[-1]["headers"].items()}
     assert (sent["traceparent"], sent["tracestate"]) == (GOOD.decode(), "v=1")
+
+
+def test_the_fast_reader_declines_exactly_the_heads_carrying_a_rewritten_field() -> None:
+    # Observer.rewrites scans the raw head in C in the compiled build; the reference is
+    # a lower-case copy searched for each CRLF-name-colon.
+    observer = Observer(None, RequestIds(), "X-Request-Id", Tracer(0.0))
+    marks = (b"\r\nx-request-id:", b"\r\ntraceparent:")
+    rng = random.Random(18)
+    names = [b"X-Request-Id", b"x-request-ID", b"X-Request-Ids", b"X-Request", b"traceparent",
+             b"TRACEPARENT", b"tracestate", b"Host", b"A"]  # fmt: skip
+    for _ in range(2000):
+        lines = [b"GET /x-request-id: HTTP/1.1"]
+        for _ in range(rng.randrange(5)):
+            value = rng.choice([b"v", b"", b"x-request-id: 1", b"\r\ntraceparent:"])
+            lines.append(rng.choice(names) + rng.choice([b":", b": ", b" :"]) + value)
+        head = b"\r\n".join(lines) + rng.choice([b"\r\n\r\n", b"\r\n", b""])
+        assert observer.rewrites(head) == any(m in head.lower() for m in marks), head
