@@ -46,6 +46,8 @@ from _common import (
     log,
     make_upstream,
     print_rows,
+    self_signed,
+    unverified_tls,
     wait_ready,
     which,
     write_json,
@@ -53,48 +55,6 @@ from _common import (
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 CLOSE_REQUEST = REQUEST[:-2] + b"Connection: close\r\n\r\n"
-
-
-def self_signed(base: Path) -> tuple[Path, Path]:
-    """An ECDSA P-256 certificate for "bench" (what a TLS edge would serve today)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=90))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("bench")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = base / "bench.crt", base / "bench.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the bench measures the proxy, not verification
-    return ctx
 
 
 async def load(
@@ -174,9 +134,9 @@ def count(
     text += f"health_check: {{ interval: {health_interval} }}\n"
     tls_port = free_port()
     if tls:
-        cert, key = self_signed(base)
+        files = self_signed(base)
         text += f'tls: {{ listen: "127.0.0.1:{tls_port}", '
-        text += f'certificates: [{{ cert: "{cert}", key: "{key}" }}] }}\n'
+        text += f'certificates: [{{ cert: "{files.cert}", key: "{files.key}" }}] }}\n'
     if access_log != "off":  # a file, as a production edge would write it
         text += f'access_log: {{ destination: "{base / "access.log"}", format: {access_log} }}\n'
     if services > 1:
@@ -218,7 +178,7 @@ def count(
             raise BenchError(f"bgproxy ran the {body['hot_path']} build, not {build}")
         if requests:
             wait_listening(tls_port if tls else port)
-            load_port, ctx = (tls_port, client_tls()) if tls else (port, None)
+            load_port, ctx = (tls_port, unverified_tls()) if tls else (port, None)
             asyncio.run(load(load_port, requests, connections, close, ctx))
     finally:
         proc.send_signal(signal.SIGINT)
