@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -1409,7 +1410,9 @@ def serve_ws_echo(port: int) -> None:
     )
 
 
-def serve_uvloop_floor(port: int, upstream_port: int, cert: str = "", key: str = "") -> None:
+def serve_uvloop_floor(
+    port: int, upstream_port: int, cert: str = "", key: str = "", fd_tls: bool = False
+) -> None:
     """The floor for any proxy built on uvloop: a relay to 127.0.0.1:``upstream_port``
     with pooled keep-alive upstream connections and nothing else. It frames GET requests
     by their head and responses by Content-Length, tunnels an Upgrade, and drops
@@ -1417,7 +1420,8 @@ def serve_uvloop_floor(port: int, upstream_port: int, cert: str = "", key: str =
     rewriting beyond that, no timeouts, no limits, no metrics: not a proxy anyone
     should run, only what the event loop and one Python callback per read cost.
     bgproxy against it shows how much of a gap to nginx is bgproxy's own work. With
-    ``cert`` and ``key`` it listens over uvloop's TLS (a memory-BIO SSL protocol).
+    ``cert`` and ``key`` it listens over uvloop's TLS (a memory-BIO SSL protocol), or with
+    ``fd_tls`` over OpenSSL on the socket itself (``_fdtls.py``, a prototype).
     """
     import uvloop
 
@@ -1529,7 +1533,12 @@ def serve_uvloop_floor(port: int, upstream_port: int, cert: str = "", key: str =
     asyncio.set_event_loop(loop)
 
     async def main() -> None:
-        await loop.create_server(FloorClient, "127.0.0.1", port, backlog=4096, ssl=tls)
+        if fd_tls and tls is not None:
+            from _fdtls import serve_fd_tls
+
+            serve_fd_tls(loop, FloorClient, port, tls)
+        else:
+            await loop.create_server(FloorClient, "127.0.0.1", port, backlog=4096, ssl=tls)
         await asyncio.Event().wait()
 
     loop.run_until_complete(main())
@@ -1539,6 +1548,7 @@ def _helper_main(argv: list[str]) -> int:
     kinds: dict[str, Callable[..., None]] = {
         "ws-echo": serve_ws_echo,
         "uvloop-floor": serve_uvloop_floor,
+        "fdtls-floor": functools.partial(serve_uvloop_floor, fd_tls=True),
     }
     if len(argv) < 2 or argv[0] not in kinds:
         print(f"usage: {Path(__file__).name} {{{','.join(kinds)}}} PORT [ARG]", file=sys.stderr)

@@ -17,7 +17,9 @@ TLS 1.3 defaults) and relays plain HTTP to the same upstream nginx:
 - ``uvloop``: the bare relay of bench_http.py (``serve_uvloop_floor``) on uvloop's
   TLS, with the server context bgproxy builds: what any uvloop proxy pays for TLS
   before doing any work of its own;
-- ``bgproxy``: 1 process, its ``tls.listen`` listener.
+- ``bgproxy``: 1 process, its ``tls.listen`` listener;
+- ``fdtls`` (only when named in ``--targets``): the same bare relay with OpenSSL reading
+  and writing the socket itself, no memory BIOs (``_fdtls.py``, a prototype transport).
 
 Cases: ``small-keepalive`` and ``64k-keepalive`` (13 B and 64 KiB bodies, keep-alive),
 ``small-close`` (``Connection: close``: a TLS handshake per request, TLS 1.3). What the
@@ -78,15 +80,16 @@ CASES: dict[str, tuple[str, str]] = {
 }
 DEFAULT_CASES = ("small-keepalive", "64k-keepalive", "small-close")
 TARGETS = ("nginx", "haproxy", "uvloop", "bgproxy")
+EXTRA_TARGETS = ("fdtls",)
 PEERS = ("nginx", "haproxy", "uvloop")
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
     """bgproxy and the floor against nginx, and bgproxy against the floor."""
     for r in rows:
-        if r["target"] not in ("bgproxy", "uvloop"):
+        if r["target"] not in ("bgproxy", "uvloop", "fdtls"):
             continue
-        peers = ("nginx", "uvloop") if r["target"] == "bgproxy" else ("nginx",)
+        peers = ("nginx", "uvloop") if r["target"] != "uvloop" else ("nginx",)
         parts = [
             f"{r['target']}/{peer} {r['body']} {r['mode']}: {r[f'vs_{peer}']:.2f}{TIMES}"
             f" (p99 {r[f'p99_vs_{peer}']:.2f}{TIMES})"
@@ -111,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cases", type=lambda v: parse_list(v, list(CASES), "--cases"),
         default=list(DEFAULT_CASES), help=f"cases: {','.join(CASES)}",
     )  # fmt: skip
-    add_target_args(p, TARGETS)
+    add_target_args(p, TARGETS + EXTRA_TARGETS, default=TARGETS)
     args = p.parse_args(argv)
     if args.runs < 1 or args.duration <= 0 or args.connections < 1:
         p.error("--runs, --duration and --connections must be positive")
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             "haproxy": lambda: make_haproxy(base, haproxy, upstream.port, tls=files),
             "uvloop": lambda: make_uvloop_floor(base, upstream.port, tls=files),
             "bgproxy": lambda: make_bgproxy(base, upstream.port, tls=files),
+            "fdtls": lambda: make_uvloop_floor(
+                base, upstream.port, tls=files, kind="fdtls-floor", name="fdtls"
+            ),
         }
         live: dict[str, Server] = {}
         sessions: dict[str, str] = {}
