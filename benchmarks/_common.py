@@ -861,12 +861,12 @@ def bgproxy_command(
     extra = [] if workers == 1 else ["--workers", str(workers)]
     if exe and not _runs_this_checkout(exe):
         # e.g. an editable install of another worktree: measure the code beside this file
-        log(f"{exe} does not run {REPO_ROOT}; using `python -m proxy` from it")
+        log(f"{exe} does not run {REPO_ROOT}")
         exe = None
     if exe:
         cmd = [*taskset(cpu), exe, "serve", "-c", str(conf), *extra]
     else:
-        log("bgproxy not on PATH; falling back to `python -m proxy -c FILE`")
+        log(f"running `python -m proxy -c FILE` from {REPO_ROOT}")
         cmd = [*taskset(cpu), sys.executable, "-m", "proxy", "-c", str(conf), *extra]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return cmd, env

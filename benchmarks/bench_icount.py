@@ -18,6 +18,12 @@ pure-Python fallback (``BGPROXY_PURE_PYTHON=1``).
     python benchmarks/bench_icount.py --mode close       # a new connection per request
     python benchmarks/bench_icount.py --tls              # over the HTTPS listener
     python benchmarks/bench_icount.py --tls --mode close --requests 1000   # handshakes
+    python benchmarks/bench_icount.py --floor uvloop --tls   # bench_http's bare relay
+    python benchmarks/bench_icount.py --floor fdtls          # ... on _fdtls.py's TLS
+
+``--floor`` counts the bare uvloop relay of bench_http.py and bench_tls.py instead of
+bgproxy (plain, or with ``--tls`` over uvloop's TLS; ``fdtls`` is always TLS, with
+OpenSSL on the socket): what the event loop and the TLS layer cost before any proxy work.
 """
 
 from __future__ import annotations
@@ -189,6 +195,33 @@ def count(
     raise BenchError(f"no instruction total in {out}")
 
 
+def count_floor(
+    base: Path, up_port: int, kind: str, requests: int, connections: int, close: bool, tls: bool
+) -> int:
+    """``count`` for the bare relay (``serve_uvloop_floor``): ``kind`` uvloop or fdtls."""
+    port = free_port()
+    out = base / f"callgrind-floor-{kind}-{requests}.out"
+    helper = "fdtls-floor" if kind == "fdtls" else "uvloop-floor"
+    files = self_signed(base) if tls else None
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
+    cmd += [str(Path(__file__).with_name("_common.py")), helper, str(port), str(up_port)]
+    cmd += [str(files.cert), str(files.key)] if files else []
+    with open(base / f"valgrind-floor-{kind}-{requests}.log", "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=base, stdout=log_file, stderr=log_file)
+    try:
+        wait_listening(port, 600)
+        if requests:
+            ctx = unverified_tls() if tls else None
+            asyncio.run(load(port, requests, connections, close, ctx))
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the relay has no SIGINT handler; valgrind dumps
+        proc.wait(timeout=600)
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise BenchError(f"no instruction total in {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=10_000)
@@ -219,12 +252,21 @@ def main(argv: list[str] | None = None) -> int:
         default="off",
         help="write an access log to a file in this format (both counts: start-up and load)",
     )
+    p.add_argument(
+        "--floor",
+        choices=("uvloop", "fdtls"),
+        help="count the bare relay instead of bgproxy (fdtls: TLS without memory BIOs)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.floor == "fdtls":
+        args.tls = True
     ensure_tools(["nginx"])
     if which("valgrind") is None:
         subprocess.run(["apt-get", "install", "-y", "valgrind"], check=True)
     builds = ["compiled", "python"] if args.build == "both" else [args.build]
+    if args.floor:
+        builds = [f"floor-{args.floor}"]
     servers = Servers()
     rows = []
     results = {}
@@ -247,6 +289,18 @@ def main(argv: list[str] | None = None) -> int:
                 # The lower of two start-ups: one once came out 85M instructions (8.5k per
                 # request) higher than usual, which a single baseline would have credited
                 # to the requests.
+                if args.floor:
+                    close = args.mode == "close"
+                    idle, busy = (
+                        count_floor(base, upstream.port, args.floor, n, args.connections,
+                                    close, args.tls)
+                        for n in (0, args.requests)
+                    )  # fmt: skip
+                    per = (busy - idle) / args.requests
+                    results[build] = {"startup": idle, "total": busy, "per_request": per}
+                    rows.append([build, f"{args.requests:,}", f"{idle:,}", f"{busy:,}",
+                                 f"{per:,.0f}"])  # fmt: skip
+                    continue
                 idles = [
                     count(
                         base,
@@ -287,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     how = "a new connection each" if args.mode == "close" else "keep-alive"
     svcs = f", {args.services} services" if args.services > 1 else ""
     logs = f", access log {args.access_log} to a file" if args.access_log != "off" else ""
-    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}")
+    tls = ", over TLS" if args.tls else ""
+    print(
+        f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}{tls}"
+    )
     print_rows(["build", "requests", "instr start+stop", "instr total", "instr/request"], rows)
     if len(results) == 2:
         ratio = results["compiled"]["per_request"] / results["python"]["per_request"]
