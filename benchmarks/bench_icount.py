@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import os
 import signal
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import (
@@ -100,6 +102,39 @@ async def load(
     await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
 
 
+def load_resumed(port: int, requests: int, connections: int, tls: ssl.SSLContext) -> None:
+    """A new connection per request, each resuming the TLS session of the one before
+    (as wrk does): blocking clients in threads, as asyncio cannot offer a session."""
+
+    def client(n: int) -> None:
+        session = None
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                with tls.wrap_socket(raw, server_hostname="bench", session=session) as conn:
+                    conn.sendall(CLOSE_REQUEST)
+                    data = b""
+                    with contextlib.suppress(ssl.SSLEOFError):
+                        while chunk := conn.recv(65536):
+                            data += chunk
+                    if not data.startswith(b"HTTP/1.1 200 "):
+                        raise BenchError("a request failed")
+                    session = conn.session
+
+    with ThreadPoolExecutor(connections) as pool:
+        for done in [pool.submit(client, requests // connections) for _ in range(connections)]:
+            done.result()
+
+
+def run_load(
+    port: int, requests: int, connections: int, close: bool, tls: ssl.SSLContext | None,
+    resume: bool,
+) -> None:  # fmt: skip
+    if close and tls is not None and resume:
+        load_resumed(port, requests, connections, tls)
+    else:
+        asyncio.run(load(port, requests, connections, close, tls))
+
+
 def wait_listening(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -127,6 +162,7 @@ def count(
     health_interval: str = "2s",
     tls: bool = False,
     access_log: str = "off",
+    resume: bool = False,
 ) -> int:
     """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown.
     With ``services`` > 1, the requests' Host is claimed by the last of that many services
@@ -185,10 +221,10 @@ def count(
         if requests:
             wait_listening(tls_port if tls else port)
             load_port, ctx = (tls_port, unverified_tls()) if tls else (port, None)
-            asyncio.run(load(load_port, requests, connections, close, ctx))
+            run_load(load_port, requests, connections, close, ctx, resume)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        proc.wait(timeout=600)  # callgrind on a busy machine: shutting down can take minutes
     for line in out.read_text(errors="replace").splitlines():
         if line.startswith(("summary:", "totals:")):
             return int(line.split()[1])
@@ -196,7 +232,14 @@ def count(
 
 
 def count_floor(
-    base: Path, up_port: int, kind: str, requests: int, connections: int, close: bool, tls: bool
+    base: Path,
+    up_port: int,
+    kind: str,
+    requests: int,
+    connections: int,
+    close: bool,
+    tls: bool,
+    resume: bool = False,
 ) -> int:
     """``count`` for the bare relay (``serve_uvloop_floor``): ``kind`` uvloop or fdtls."""
     port = free_port()
@@ -212,7 +255,7 @@ def count_floor(
         wait_listening(port, 600)
         if requests:
             ctx = unverified_tls() if tls else None
-            asyncio.run(load(port, requests, connections, close, ctx))
+            run_load(port, requests, connections, close, ctx, resume)
     finally:
         proc.send_signal(signal.SIGTERM)  # the relay has no SIGINT handler; valgrind dumps
         proc.wait(timeout=600)
@@ -251,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("off", "json", "combined"),
         default="off",
         help="write an access log to a file in this format (both counts: start-up and load)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --tls --mode close: each connection resumes the last one's session (as wrk)",
     )
     p.add_argument(
         "--floor",
@@ -293,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     close = args.mode == "close"
                     idle, busy = (
                         count_floor(base, upstream.port, args.floor, n, args.connections,
-                                    close, args.tls)
+                                    close, args.tls, args.resume)
                         for n in (0, args.requests)
                     )  # fmt: skip
                     per = (busy - idle) / args.requests
@@ -313,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.health_interval,
                         args.tls,
                         args.access_log,
+                        args.resume,
                     )
                     for _ in "ab"
                 ]
@@ -330,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.health_interval,
                     args.tls,
                     args.access_log,
+                    args.resume,
                 )
                 per = (busy - idle) / args.requests
                 results[build] = {"startup": idle, "total": busy, "per_request": per}
@@ -341,10 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     how = "a new connection each" if args.mode == "close" else "keep-alive"
     svcs = f", {args.services} services" if args.services > 1 else ""
     logs = f", access log {args.access_log} to a file" if args.access_log != "off" else ""
-    tls = ", over TLS" if args.tls else ""
-    print(
-        f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}{tls}"
-    )
+    tls = (", over TLS" + (", sessions resumed" if args.resume else "")) if args.tls else ""
+    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}{tls}")
     print_rows(["build", "requests", "instr start+stop", "instr total", "instr/request"], rows)
     if len(results) == 2:
         ratio = results["compiled"]["per_request"] / results["python"]["per_request"]

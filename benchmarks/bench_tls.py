@@ -17,9 +17,11 @@ TLS 1.3 defaults) and relays plain HTTP to the same upstream nginx:
 - ``uvloop``: the bare relay of bench_http.py (``serve_uvloop_floor``) on uvloop's
   TLS, with the server context bgproxy builds: what any uvloop proxy pays for TLS
   before doing any work of its own;
-- ``bgproxy``: 1 process, its ``tls.listen`` listener;
-- ``fdtls`` (only when named in ``--targets``): the same bare relay with OpenSSL reading
-  and writing the socket itself, no memory BIOs (``_fdtls.py``, a prototype transport).
+- ``bgproxy``: 1 process, its ``tls.listen`` listener (OpenSSL on the socket,
+  proxy/tlsfd.py);
+- ``fdtls`` (only when named in ``--targets``): the bare relay with OpenSSL reading and
+  writing the socket itself, no memory BIOs (``_fdtls.py``, the prototype of bgproxy's
+  transport): the floor for bgproxy's TLS as ``uvloop`` is for uvloop's.
 
 Cases: ``small-keepalive`` and ``64k-keepalive`` (13 B and 64 KiB bodies, keep-alive),
 ``small-close`` (``Connection: close``: a TLS handshake per request, TLS 1.3). What the
