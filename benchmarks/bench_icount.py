@@ -18,12 +18,14 @@ pure-Python fallback (``BGPROXY_PURE_PYTHON=1``).
     python benchmarks/bench_icount.py --mode close       # a new connection per request
     python benchmarks/bench_icount.py --tls              # over the HTTPS listener
     python benchmarks/bench_icount.py --tls --mode close --requests 1000   # handshakes
-    python benchmarks/bench_icount.py --floor uvloop --tls   # bench_http's bare relay
-    python benchmarks/bench_icount.py --floor fdtls          # ... on _fdtls.py's TLS
+    python benchmarks/bench_icount.py --target uvloop --tls  # bench_http's bare relay
+    python benchmarks/bench_icount.py --target fdtls         # ... on _fdtls.py's TLS
+    python benchmarks/bench_icount.py --target nginx --tls   # nginx, as bench_tls runs it
 
-``--floor`` counts the bare uvloop relay of bench_http.py and bench_tls.py instead of
-bgproxy (plain, or with ``--tls`` over uvloop's TLS; ``fdtls`` is always TLS, with
-OpenSSL on the socket): what the event loop and the TLS layer cost before any proxy work.
+``--target`` counts a peer instead of bgproxy: the bare uvloop relay of bench_http.py and
+bench_tls.py (plain, or with ``--tls`` over uvloop's TLS; ``fdtls`` is always TLS, with
+OpenSSL on the socket), or nginx with one worker (plain or ``--tls``), so that what the
+event loop, the TLS layer and nginx cost can be set beside bgproxy's count.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from _common import (
     free_port,
     http_json,
     log,
+    make_nginx_proxy,
     make_upstream,
     print_rows,
     self_signed,
@@ -231,7 +234,7 @@ def count(
     raise BenchError(f"no instruction total in {out}")
 
 
-def count_floor(
+def count_peer(
     base: Path,
     up_port: int,
     kind: str,
@@ -241,28 +244,44 @@ def count_floor(
     tls: bool,
     resume: bool = False,
 ) -> int:
-    """``count`` for the bare relay (``serve_uvloop_floor``): ``kind`` uvloop or fdtls."""
-    port = free_port()
-    out = base / f"callgrind-floor-{kind}-{requests}.out"
-    helper = "fdtls-floor" if kind == "fdtls" else "uvloop-floor"
+    """``count`` for a peer: the bare relay (``serve_uvloop_floor``; ``kind`` uvloop or
+    fdtls) or nginx (1 worker, as bench_http.py and bench_tls.py run it; its master's
+    and worker's counts are summed)."""
+    out = base / f"callgrind-{kind}-{requests}"
     files = self_signed(base) if tls else None
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
-    cmd += [str(Path(__file__).with_name("_common.py")), helper, str(port), str(up_port)]
-    cmd += [str(files.cert), str(files.key)] if files else []
-    with open(base / f"valgrind-floor-{kind}-{requests}.log", "wb") as log_file:
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
+    if kind == "nginx":
+        nginx = which("nginx")
+        assert nginx is not None
+        srv = make_nginx_proxy(base, nginx, up_port, None, tls=files, name=f"nginx-{requests}")
+        cmd, port, stop = valgrind + srv.cmd, srv.port, signal.SIGQUIT
+    else:
+        port = free_port()
+        helper = "fdtls-floor" if kind == "fdtls" else "uvloop-floor"
+        cmd = [*valgrind, sys.executable, str(Path(__file__).with_name("_common.py")), helper]
+        cmd += [str(port), str(up_port)] + ([str(files.cert), str(files.key)] if files else [])
+        stop = signal.SIGTERM  # the relay has no SIGINT handler; valgrind dumps on SIGTERM
+    with open(base / f"valgrind-{kind}-{requests}.log", "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=base, stdout=log_file, stderr=log_file)
     try:
         wait_listening(port, 600)
+        time.sleep(1)  # nginx's worker starts after its master listens
         if requests:
             ctx = unverified_tls() if tls else None
             run_load(port, requests, connections, close, ctx, resume)
     finally:
-        proc.send_signal(signal.SIGTERM)  # the relay has no SIGINT handler; valgrind dumps
+        proc.send_signal(stop)
         proc.wait(timeout=600)
-    for line in out.read_text(errors="replace").splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise BenchError(f"no instruction total in {out}")
+        time.sleep(2)  # nginx's worker exits (and is dumped) after its master
+    total = 0
+    for path in base.glob(f"{out.name}.*"):  # one file per process
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total += int(line.split()[1])
+                break
+    if not total:
+        raise BenchError(f"no instruction total in {out}.*")
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,20 +320,21 @@ def main(argv: list[str] | None = None) -> int:
         help="with --tls --mode close: each connection resumes the last one's session (as wrk)",
     )
     p.add_argument(
-        "--floor",
-        choices=("uvloop", "fdtls"),
-        help="count the bare relay instead of bgproxy (fdtls: TLS without memory BIOs)",
+        "--target",
+        choices=("bgproxy", "uvloop", "fdtls", "nginx"),
+        default="bgproxy",
+        help="count a peer instead: the bare relay (fdtls: TLS on the socket) or nginx",
     )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    if args.floor == "fdtls":
+    if args.target == "fdtls":
         args.tls = True
     ensure_tools(["nginx"])
     if which("valgrind") is None:
         subprocess.run(["apt-get", "install", "-y", "valgrind"], check=True)
     builds = ["compiled", "python"] if args.build == "both" else [args.build]
-    if args.floor:
-        builds = [f"floor-{args.floor}"]
+    if args.target != "bgproxy":
+        builds = [args.target]
     servers = Servers()
     rows = []
     results = {}
@@ -337,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                 # The lower of two start-ups: one once came out 85M instructions (8.5k per
                 # request) higher than usual, which a single baseline would have credited
                 # to the requests.
-                if args.floor:
+                if args.target != "bgproxy":
                     close = args.mode == "close"
                     idle, busy = (
-                        count_floor(base, upstream.port, args.floor, n, args.connections,
+                        count_peer(base, upstream.port, args.target, n, args.connections,
                                     close, args.tls, args.resume)
                         for n in (0, args.requests)
                     )  # fmt: skip
