@@ -236,11 +236,11 @@ class EdgeListener:
                 "Callable[[], asyncio.Protocol]",
                 functools.partial(EdgeConnection, edge, client, self.tls, edge.server),
             )
-            handed = True
             phase = "tls"
             if self.tls:
                 # OpenSSL on the socket itself (proxy/tlsfd.py), not the loop's memory BIOs.
                 tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                handed = True  # the SSLSocket has the fd now
                 try:
                     async with asyncio.timeout_at(deadline):
                         await handshake(loop, tls)
@@ -250,6 +250,7 @@ class EdgeListener:
                 edge.handshakes["ok"] += 1
                 TlsSocketTransport(loop, tls, factory()).start()
             else:
+                handed = True
                 await loop.connect_accepted_socket(factory, sock)
         except asyncio.CancelledError:
             raise
