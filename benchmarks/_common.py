@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -33,6 +34,7 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -319,6 +321,112 @@ def tree_tcp_peers(root: int, listen_port: int) -> tuple[list[int], int]:
     return peers, other
 
 
+# ------------------------------------------------------------------------ TLS
+
+# bgproxy's TLS 1.2 suites (proxy/certs.py, Mozilla "intermediate"), given to every TLS
+# peer so that all of them offer the same; TLS 1.3 suites are OpenSSL's defaults for all.
+TLS_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """One certificate for every TLS target: PEM files, and both in one (HAProxy)."""
+
+    cert: Path
+    key: Path
+    combined: Path
+
+
+def self_signed(base: Path, name: str = "bench") -> TlsFiles:
+    """An ECDSA P-256 certificate for ``name`` (what a TLS edge would serve today)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=90))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    files = TlsFiles(base / f"{name}.crt", base / f"{name}.key", base / f"{name}.pem")
+    files.cert.write_bytes(cert_pem)
+    files.key.write_bytes(key_pem)
+    files.combined.write_bytes(cert_pem + key_pem)
+    return files
+
+
+def unverified_tls() -> ssl.SSLContext:
+    """A client context that does not verify: the benchmarks measure proxies, not PKI."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def server_tls(files: TlsFiles) -> ssl.SSLContext:
+    """A Python server context built as bgproxy builds its own (proxy/certs.py)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS_CIPHERS)
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    return ctx
+
+
+def tls_session(port: int) -> str:
+    """What a handshake with ``port`` negotiates and whether the server resumes its
+    session, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384, resumes"."""
+    ctx = unverified_tls()
+    request = b"GET /small HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    session = None
+    desc = "?"
+    for attempt in range(2):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="bench", session=session) as tls:
+                tls.sendall(request)
+                with contextlib.suppress(ssl.SSLEOFError):  # closed without close_notify
+                    while tls.recv(65536):  # TLS 1.3 tickets arrive after the handshake
+                        pass
+                if attempt == 0:
+                    cipher = tls.cipher()
+                    desc = f"{tls.version()} {cipher[0] if cipher else '?'}"
+                    session = tls.session
+                else:
+                    return desc + (", resumes" if tls.session_reused else ", no resumption")
+    return desc
+
+
 # --------------------------------------------------------------------- servers
 
 
@@ -333,6 +441,7 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     admin_port: int | None = None  # bgproxy only
     extra_ports: dict[str, int] = field(default_factory=dict)
+    scheme: str = "http"  # "https": ``port`` is a TLS listener (bench_tls.py)
 
     def start(self) -> None:
         with open(self.log_path, "wb") as out:
@@ -401,9 +510,19 @@ class Servers:
 
 
 def http_get(
-    port: int, path: str, timeout: float = 2.0, headers: dict[str, str] | None = None
+    port: int,
+    path: str,
+    timeout: float = 2.0,
+    headers: dict[str, str] | None = None,
+    scheme: str = "http",
 ) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn: http.client.HTTPConnection
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=timeout, context=unverified_tls()
+        )
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path, headers=headers or {})
         resp = conn.getresponse()
@@ -449,7 +568,7 @@ def wait_http(
             rc = server.proc.returncode if server.proc else None
             raise server.fail(f"exited during startup (exit code {rc})")
         try:
-            status, body = http_get(port or server.port, path, timeout=1.0)
+            status, body = http_get(port or server.port, path, timeout=1.0, scheme=server.scheme)
             if check(status, body):
                 return
             last_err = f"GET {path} -> {status} {body[:80]!r}"
@@ -465,7 +584,7 @@ def wait_ready(server: Server, timeout: float) -> None:
     check /64k once.  Raises TargetFailed (with the server's output) otherwise."""
     wait_http(server, timeout, "/small", lambda st, body: st == 200 and body == SMALL_BODY)
     try:
-        status, body = http_get(server.port, "/64k", timeout=5.0)
+        status, body = http_get(server.port, "/64k", timeout=5.0, scheme=server.scheme)
     except (OSError, http.client.HTTPException) as exc:
         raise server.fail(f"GET /64k failed: {exc}") from exc
     if status != 200 or len(body) != BIG_BODY_SIZE:
@@ -608,9 +727,12 @@ def make_nginx_proxy(
     worker_connections: int = 16384,
     access_log: bool = False,
     name: str = "nginx",
+    tls: TlsFiles | None = None,
 ) -> Server:
     """nginx as a reverse proxy with pooled upstream keep-alive (and WebSocket relaying);
-    with ``access_log``, writing a JSON access log to a file as production edges do."""
+    with ``access_log``, writing a JSON access log to a file as production edges do;
+    with ``tls``, listening for HTTPS only (TLS 1.2+, ``TLS_CIPHERS``, session cache and
+    tickets on, as a production edge has them)."""
     tmp = base / f"{name}-proxy"
     tmp.mkdir(parents=True)
     port = free_port()
@@ -643,8 +765,19 @@ def make_nginx_proxy(
         '"upstream":"$upstream_addr","request_id":"$request_id",'
         '"user_agent":"$http_user_agent","referer":"$http_referer"}';"""
         logging = f"access_log {tmp}/access.log bench_json buffer=64k;"
+    ssl_conf = ""
+    if tls is not None:
+        ssl_conf = f"""ssl_certificate {tls.cert};
+        ssl_certificate_key {tls.key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {TLS_CIPHERS};
+        ssl_prefer_server_ciphers off;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_timeout 1d;
+        ssl_session_tickets on;"""
     server = f"""server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
+        listen 127.0.0.1:{port} reuseport backlog=4096{" ssl" if tls else ""};
+        {ssl_conf}
         {logging}
         location / {{
             proxy_pass http://backend;
@@ -667,7 +800,7 @@ def make_nginx_proxy(
         )
     )
     cmd = [*taskset(cpu), nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")]
-    return Server(name, cmd, port, tmp / "stdout.log")
+    return Server(name, cmd, port, tmp / "stdout.log", scheme="https" if tls else "http")
 
 
 def make_haproxy(
@@ -677,14 +810,23 @@ def make_haproxy(
     cpu: int | None = PROXY_CPU,
     threads: int = 1,
     maxconn: int = 8000,
+    tls: TlsFiles | None = None,
 ) -> Server:
+    """HAProxy as a reverse proxy; with ``tls``, listening for HTTPS only (TLS 1.2+,
+    ``TLS_CIPHERS``, its session cache and tickets on by default)."""
     tmp = base / "haproxy"
     tmp.mkdir(parents=True)
     port = free_port()
+    ssl_global = ssl_bind = ""
+    if tls is not None:
+        ssl_global = f"""    ssl-default-bind-ciphers {TLS_CIPHERS}
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+"""
+        ssl_bind = f" ssl crt {tls.combined} alpn http/1.1"
     cfg = f"""global
     nbthread {threads}
     maxconn {maxconn}
-
+{ssl_global}
 defaults
     mode http
     option http-keep-alive
@@ -698,7 +840,7 @@ defaults
     timeout http-keep-alive 60s
 
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{ssl_bind}
     default_backend be
 
 backend be
@@ -707,7 +849,7 @@ backend be
     conf = tmp / "haproxy.cfg"
     conf.write_text(cfg)
     cmd = [*taskset(cpu), haproxy, "-db", "-f", str(conf)]
-    return Server("haproxy", cmd, port, tmp / "stdout.log")
+    return Server("haproxy", cmd, port, tmp / "stdout.log", scheme="https" if tls else "http")
 
 
 def bgproxy_command(
@@ -717,15 +859,32 @@ def bgproxy_command(
     env = {k: v for k, v in os.environ.items() if k != "BGPROXY_ADMIN_TOKEN"}
     exe = shutil.which("bgproxy")
     extra = [] if workers == 1 else ["--workers", str(workers)]
+    if exe and not _runs_this_checkout(exe):
+        # e.g. an editable install of another worktree: measure the code beside this file
+        log(f"{exe} does not run {REPO_ROOT}")
+        exe = None
     if exe:
         cmd = [*taskset(cpu), exe, "serve", "-c", str(conf), *extra]
     else:
-        log("bgproxy not on PATH; falling back to `python -m proxy -c FILE`")
+        log(f"running `python -m proxy -c FILE` from {REPO_ROOT}")
         cmd = [*taskset(cpu), sys.executable, "-m", "proxy", "-c", str(conf), *extra]
     # The checkout this benchmark runs from, not whichever one `pip install -e` points at
     # (the console script would import that one: a worktree would measure main's code).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return cmd, env
+
+
+def _runs_this_checkout(exe: str) -> bool:
+    """Whether the ``bgproxy`` on PATH imports the ``proxy`` package of this checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import proxy; print(proxy.__file__)"],
+            capture_output=True, text=True, timeout=30, cwd="/", env=env,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return True
+    return out.stdout.strip().startswith(str(REPO_ROOT) + os.sep)
 
 
 def make_bgproxy(
@@ -736,11 +895,19 @@ def make_bgproxy(
     green_port: int | None = None,
     extra_yaml: str = "",
     name: str = "bgproxy",
+    tls: TlsFiles | None = None,
 ) -> Server:
-    """bgproxy with blue -> ``up_port`` and green -> ``green_port`` (default: the same)."""
+    """bgproxy with blue -> ``up_port`` and green -> ``green_port`` (default: the same);
+    with ``tls``, the Server's ``port`` is its HTTPS listener (``tls.listen``)."""
     tmp = base / name
     tmp.mkdir(parents=True)
     port, admin_port = free_port(), free_port()
+    if tls is not None:
+        tls_port = free_port()
+        extra_yaml += (
+            f'tls: {{ listen: "127.0.0.1:{tls_port}", '
+            f'certificates: [{{ cert: "{tls.cert}", key: "{tls.key}" }}] }}\n'
+        )
     blue = f"http://127.0.0.1:{up_port}"
     green = f"http://127.0.0.1:{green_port or up_port}"
     cfg = (
@@ -754,14 +921,31 @@ def make_bgproxy(
     conf = tmp / "bgproxy.yaml"
     conf.write_text(cfg)
     cmd, env = bgproxy_command(conf, cpu, workers)
+    if tls is not None:
+        return Server(
+            name, cmd, tls_port, tmp / "stdout.log", cwd=REPO_ROOT, env=env,
+            admin_port=admin_port, scheme="https", extra_ports={"http": port},
+        )  # fmt: skip
     return Server(
         name, cmd, port, tmp / "stdout.log", cwd=REPO_ROOT, env=env, admin_port=admin_port
     )
 
 
-def make_uvloop_floor(base: Path, up_port: int, cpu: int | None = PROXY_CPU) -> Server:
-    """``serve_uvloop_floor`` relaying to ``up_port``: the uvloop peer of the benchmarks."""
-    return helper_server(base, "uvloop", "uvloop-floor", cpu, [str(up_port)])
+def make_uvloop_floor(
+    base: Path,
+    up_port: int,
+    cpu: int | None = PROXY_CPU,
+    tls: TlsFiles | None = None,
+    kind: str = "uvloop-floor",
+    name: str = "uvloop",
+) -> Server:
+    """``serve_uvloop_floor`` relaying to ``up_port``: the uvloop peer of the benchmarks;
+    with ``tls``, over uvloop's TLS (``server_tls``: the context bgproxy would build)."""
+    args = [str(up_port)] + ([str(tls.cert), str(tls.key)] if tls else [])
+    srv = helper_server(base, name, kind, cpu, args)
+    if tls is not None:
+        srv.scheme = "https"
+    return srv
 
 
 def helper_server(
@@ -853,12 +1037,13 @@ def run_wrk(
     connections: int,
     threads: int = 1,
     cpu: int | None = CLIENT_CPU,
+    scheme: str = "http",
 ) -> WrkResult:
     cmd = [*taskset(cpu), "wrk", f"-t{threads}", f"-c{connections}"]
     cmd += [f"-d{duration}s", "--latency"]
     if mode == "close":
         cmd += ["-H", "Connection: close"]
-    cmd.append(f"http://127.0.0.1:{port}{path}")
+    cmd.append(f"{scheme}://127.0.0.1:{port}{path}")
     try:
         cp = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     except subprocess.TimeoutExpired as exc:
@@ -1227,16 +1412,22 @@ def serve_ws_echo(port: int) -> None:
     )
 
 
-def serve_uvloop_floor(port: int, upstream_port: int) -> None:
+def serve_uvloop_floor(
+    port: int, upstream_port: int, cert: str = "", key: str = "", fd_tls: bool = False
+) -> None:
     """The floor for any proxy built on uvloop: a relay to 127.0.0.1:``upstream_port``
     with pooled keep-alive upstream connections and nothing else. It frames GET requests
     by their head and responses by Content-Length, tunnels an Upgrade, and drops
     ``Connection: close`` upstream (answering it downstream). No routing, no header
     rewriting beyond that, no timeouts, no limits, no metrics: not a proxy anyone
     should run, only what the event loop and one Python callback per read cost.
-    bgproxy against it shows how much of a gap to nginx is bgproxy's own work.
+    bgproxy against it shows how much of a gap to nginx is bgproxy's own work. With
+    ``cert`` and ``key`` it listens over uvloop's TLS (a memory-BIO SSL protocol), or with
+    ``fd_tls`` over OpenSSL on the socket itself (``_fdtls.py``, a prototype).
     """
     import uvloop
+
+    tls = server_tls(TlsFiles(Path(cert), Path(key), Path())) if cert else None
 
     idle: list[FloorUp] = []
 
@@ -1344,7 +1535,12 @@ def serve_uvloop_floor(port: int, upstream_port: int) -> None:
     asyncio.set_event_loop(loop)
 
     async def main() -> None:
-        await loop.create_server(FloorClient, "127.0.0.1", port, backlog=4096)
+        if fd_tls and tls is not None:
+            from _fdtls import serve_fd_tls
+
+            serve_fd_tls(loop, FloorClient, port, tls)
+        else:
+            await loop.create_server(FloorClient, "127.0.0.1", port, backlog=4096, ssl=tls)
         await asyncio.Event().wait()
 
     loop.run_until_complete(main())
@@ -1354,12 +1550,14 @@ def _helper_main(argv: list[str]) -> int:
     kinds: dict[str, Callable[..., None]] = {
         "ws-echo": serve_ws_echo,
         "uvloop-floor": serve_uvloop_floor,
+        "fdtls-floor": functools.partial(serve_uvloop_floor, fd_tls=True),
     }
     if len(argv) < 2 or argv[0] not in kinds:
         print(f"usage: {Path(__file__).name} {{{','.join(kinds)}}} PORT [ARG]", file=sys.stderr)
         return 2
     raise_nofile(1 << 16)
-    kinds[argv[0]](*map(int, argv[1:]))
+    port, *rest = argv[1:]
+    kinds[argv[0]](int(port), *(int(a) if a.isdigit() else a for a in rest))
     return 0
 
 

@@ -108,7 +108,7 @@ def measure(
 ) -> RunSample:
     """One wrk run against srv, with the CPU time and RSS of srv's process tree."""
     cpu0 = tree_cpu_seconds(srv.pid)
-    res = run_wrk(srv.port, path, mode, duration, conns, threads=threads, cpu=cpu)
+    res = run_wrk(srv.port, path, mode, duration, conns, threads, cpu, srv.scheme)
     cpu_s = tree_cpu_seconds(srv.pid) - cpu0
     return RunSample(
         run=run,
@@ -273,7 +273,8 @@ def run_matrix(
                 for t in targets:
                     if t not in m.failed:
                         with contextlib.suppress(RuntimeError, ValueError, OSError):
-                            run_wrk(live[t].port, path, mode, warmup, connections, threads, cpu)
+                            w = live[t]
+                            run_wrk(w.port, path, mode, warmup, connections, threads, cpu, w.scheme)
             for run in range(1, runs + 1):
                 for t in targets:
                     if t in m.failed:

@@ -18,12 +18,21 @@ pure-Python fallback (``BGPROXY_PURE_PYTHON=1``).
     python benchmarks/bench_icount.py --mode close       # a new connection per request
     python benchmarks/bench_icount.py --tls              # over the HTTPS listener
     python benchmarks/bench_icount.py --tls --mode close --requests 1000   # handshakes
+    python benchmarks/bench_icount.py --target uvloop --tls  # bench_http's bare relay
+    python benchmarks/bench_icount.py --target fdtls         # ... on _fdtls.py's TLS
+    python benchmarks/bench_icount.py --target nginx --tls   # nginx, as bench_tls runs it
+
+``--target`` counts a peer instead of bgproxy: the bare uvloop relay of bench_http.py and
+bench_tls.py (plain, or with ``--tls`` over uvloop's TLS; ``fdtls`` is always TLS, with
+OpenSSL on the socket), or nginx with one worker (plain or ``--tls``), so that what the
+event loop, the TLS layer and nginx cost can be set beside bgproxy's count.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import os
 import signal
@@ -33,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import (
@@ -44,8 +54,11 @@ from _common import (
     free_port,
     http_json,
     log,
+    make_nginx_proxy,
     make_upstream,
     print_rows,
+    self_signed,
+    unverified_tls,
     wait_ready,
     which,
     write_json,
@@ -53,48 +66,6 @@ from _common import (
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 CLOSE_REQUEST = REQUEST[:-2] + b"Connection: close\r\n\r\n"
-
-
-def self_signed(base: Path) -> tuple[Path, Path]:
-    """An ECDSA P-256 certificate for "bench" (what a TLS edge would serve today)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=90))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("bench")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = base / "bench.crt", base / "bench.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the bench measures the proxy, not verification
-    return ctx
 
 
 async def load(
@@ -134,6 +105,39 @@ async def load(
     await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
 
 
+def load_resumed(port: int, requests: int, connections: int, tls: ssl.SSLContext) -> None:
+    """A new connection per request, each resuming the TLS session of the one before
+    (as wrk does): blocking clients in threads, as asyncio cannot offer a session."""
+
+    def client(n: int) -> None:
+        session = None
+        for _ in range(n):
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                with tls.wrap_socket(raw, server_hostname="bench", session=session) as conn:
+                    conn.sendall(CLOSE_REQUEST)
+                    data = b""
+                    with contextlib.suppress(ssl.SSLEOFError):
+                        while chunk := conn.recv(65536):
+                            data += chunk
+                    if not data.startswith(b"HTTP/1.1 200 "):
+                        raise BenchError("a request failed")
+                    session = conn.session
+
+    with ThreadPoolExecutor(connections) as pool:
+        for done in [pool.submit(client, requests // connections) for _ in range(connections)]:
+            done.result()
+
+
+def run_load(
+    port: int, requests: int, connections: int, close: bool, tls: ssl.SSLContext | None,
+    resume: bool,
+) -> None:  # fmt: skip
+    if close and tls is not None and resume:
+        load_resumed(port, requests, connections, tls)
+    else:
+        asyncio.run(load(port, requests, connections, close, tls))
+
+
 def wait_listening(port: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -161,6 +165,7 @@ def count(
     health_interval: str = "2s",
     tls: bool = False,
     access_log: str = "off",
+    resume: bool = False,
 ) -> int:
     """Instructions bgproxy executed for start-up, ``requests`` requests and shutdown.
     With ``services`` > 1, the requests' Host is claimed by the last of that many services
@@ -174,9 +179,9 @@ def count(
     text += f"health_check: {{ interval: {health_interval} }}\n"
     tls_port = free_port()
     if tls:
-        cert, key = self_signed(base)
+        files = self_signed(base)
         text += f'tls: {{ listen: "127.0.0.1:{tls_port}", '
-        text += f'certificates: [{{ cert: "{cert}", key: "{key}" }}] }}\n'
+        text += f'certificates: [{{ cert: "{files.cert}", key: "{files.key}" }}] }}\n'
     if access_log != "off":  # a file, as a production edge would write it
         text += f'access_log: {{ destination: "{base / "access.log"}", format: {access_log} }}\n'
     if services > 1:
@@ -218,15 +223,75 @@ def count(
             raise BenchError(f"bgproxy ran the {body['hot_path']} build, not {build}")
         if requests:
             wait_listening(tls_port if tls else port)
-            load_port, ctx = (tls_port, client_tls()) if tls else (port, None)
-            asyncio.run(load(load_port, requests, connections, close, ctx))
+            load_port, ctx = (tls_port, unverified_tls()) if tls else (port, None)
+            run_load(load_port, requests, connections, close, ctx, resume)
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        # Under callgrind on a busy machine a SIGINT is sometimes lost (the proxy sat in
+        # epoll_wait for minutes; a second one stopped it at once): repeat it.
+        for _ in range(10):
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            proc.kill()
+            raise BenchError("bgproxy under callgrind did not stop on SIGINT")
     for line in out.read_text(errors="replace").splitlines():
         if line.startswith(("summary:", "totals:")):
             return int(line.split()[1])
     raise BenchError(f"no instruction total in {out}")
+
+
+def count_peer(
+    base: Path,
+    up_port: int,
+    kind: str,
+    requests: int,
+    connections: int,
+    close: bool,
+    tls: bool,
+    resume: bool = False,
+) -> int:
+    """``count`` for a peer: the bare relay (``serve_uvloop_floor``; ``kind`` uvloop or
+    fdtls) or nginx (1 worker, as bench_http.py and bench_tls.py run it; its master's
+    and worker's counts are summed)."""
+    out = base / f"callgrind-{kind}-{requests}"
+    files = self_signed(base) if tls else None
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"]
+    if kind == "nginx":
+        nginx = which("nginx")
+        assert nginx is not None
+        srv = make_nginx_proxy(base, nginx, up_port, None, tls=files, name=f"nginx-{requests}")
+        cmd, port, stop = valgrind + srv.cmd, srv.port, signal.SIGQUIT
+    else:
+        port = free_port()
+        helper = "fdtls-floor" if kind == "fdtls" else "uvloop-floor"
+        cmd = [*valgrind, sys.executable, str(Path(__file__).with_name("_common.py")), helper]
+        cmd += [str(port), str(up_port)] + ([str(files.cert), str(files.key)] if files else [])
+        stop = signal.SIGTERM  # the relay has no SIGINT handler; valgrind dumps on SIGTERM
+    with open(base / f"valgrind-{kind}-{requests}.log", "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=base, stdout=log_file, stderr=log_file)
+    try:
+        wait_listening(port, 600)
+        time.sleep(1)  # nginx's worker starts after its master listens
+        if requests:
+            ctx = unverified_tls() if tls else None
+            run_load(port, requests, connections, close, ctx, resume)
+    finally:
+        proc.send_signal(stop)
+        proc.wait(timeout=600)
+        time.sleep(2)  # nginx's worker exits (and is dumped) after its master
+    total = 0
+    for path in base.glob(f"{out.name}.*"):  # one file per process
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total += int(line.split()[1])
+                break
+    if not total:
+        raise BenchError(f"no instruction total in {out}.*")
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,12 +324,27 @@ def main(argv: list[str] | None = None) -> int:
         default="off",
         help="write an access log to a file in this format (both counts: start-up and load)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --tls --mode close: each connection resumes the last one's session (as wrk)",
+    )
+    p.add_argument(
+        "--target",
+        choices=("bgproxy", "uvloop", "fdtls", "nginx"),
+        default="bgproxy",
+        help="count a peer instead: the bare relay (fdtls: TLS on the socket) or nginx",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.target == "fdtls":
+        args.tls = True
     ensure_tools(["nginx"])
     if which("valgrind") is None:
         subprocess.run(["apt-get", "install", "-y", "valgrind"], check=True)
     builds = ["compiled", "python"] if args.build == "both" else [args.build]
+    if args.target != "bgproxy":
+        builds = [args.target]
     servers = Servers()
     rows = []
     results = {}
@@ -287,6 +367,18 @@ def main(argv: list[str] | None = None) -> int:
                 # The lower of two start-ups: one once came out 85M instructions (8.5k per
                 # request) higher than usual, which a single baseline would have credited
                 # to the requests.
+                if args.target != "bgproxy":
+                    close = args.mode == "close"
+                    idle, busy = (
+                        count_peer(base, upstream.port, args.target, n, args.connections,
+                                    close, args.tls, args.resume)
+                        for n in (0, args.requests)
+                    )  # fmt: skip
+                    per = (busy - idle) / args.requests
+                    results[build] = {"startup": idle, "total": busy, "per_request": per}
+                    rows.append([build, f"{args.requests:,}", f"{idle:,}", f"{busy:,}",
+                                 f"{per:,.0f}"])  # fmt: skip
+                    continue
                 idles = [
                     count(
                         base,
@@ -299,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.health_interval,
                         args.tls,
                         args.access_log,
+                        args.resume,
                     )
                     for _ in "ab"
                 ]
@@ -316,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.health_interval,
                     args.tls,
                     args.access_log,
+                    args.resume,
                 )
                 per = (busy - idle) / args.requests
                 results[build] = {"startup": idle, "total": busy, "per_request": per}
@@ -327,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     how = "a new connection each" if args.mode == "close" else "keep-alive"
     svcs = f", {args.services} services" if args.services > 1 else ""
     logs = f", access log {args.access_log} to a file" if args.access_log != "off" else ""
-    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}")
+    tls = (", over TLS" + (", sessions resumed" if args.resume else "")) if args.tls else ""
+    print(f"small GETs, {how}, {args.connections} at a time, nginx upstream{svcs}{logs}{tls}")
     print_rows(["build", "requests", "instr start+stop", "instr total", "instr/request"], rows)
     if len(results) == 2:
         ratio = results["compiled"]["per_request"] / results["python"]["per_request"]

@@ -7,8 +7,10 @@ by uvloop in C, no Python between accept and request).
 - The TLS listener, and the plain one with ``proxy_protocol``, accept in Python
   (``EdgeListener``): per connection, the PROXY header is read off the raw socket
   (peeked, then exactly its bytes consumed, so the ClientHello or request after it stays
-  in the kernel), then the socket is handed to the loop, with TLS on the TLS listener:
-  ``loop.connect_accepted_socket(..., ssl=certs.context, ssl_handshake_timeout=...)``.
+  in the kernel), then the socket is handed to the loop (plain), or on the TLS
+  listener wrapped in a non-blocking ``ssl.SSLSocket`` on ``certs.context``, shaken
+  hands with, and served by ``TlsSocketTransport`` (proxy/tlsfd.py): OpenSSL reads and
+  writes the socket itself, no memory BIOs.
   While an ACME TLS-ALPN-01 challenge is up, the ClientHello is peeked at the same way:
   a client offering ``acme-tls/1`` starts on ``certs.challenge_context`` instead.
   The header and the handshake share one deadline, ``tls.handshake_timeout``; each
@@ -40,6 +42,7 @@ from proxy.listener import ClientConnection
 from proxy.phases import CLOSED
 from proxy.proxyproto import ProxyHeader, ProxyHeaderError, needed, parse
 from proxy.settings import Settings
+from proxy.tlsfd import TlsSocketTransport, handshake
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -233,17 +236,21 @@ class EdgeListener:
                 "Callable[[], asyncio.Protocol]",
                 functools.partial(EdgeConnection, edge, client, self.tls, edge.server),
             )
-            handed = True
             phase = "tls"
             if self.tls:
-                await loop.connect_accepted_socket(
-                    factory,
-                    sock,
-                    ssl=context,
-                    ssl_handshake_timeout=max(0.001, deadline - loop.time()),
-                )
+                # OpenSSL on the socket itself (proxy/tlsfd.py), not the loop's memory BIOs.
+                tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                handed = True  # the SSLSocket has the fd now
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await handshake(loop, tls)
+                except BaseException:
+                    tls.close()
+                    raise
                 edge.handshakes["ok"] += 1
+                TlsSocketTransport(loop, tls, factory()).start()
             else:
+                handed = True
                 await loop.connect_accepted_socket(factory, sock)
         except asyncio.CancelledError:
             raise
