@@ -859,32 +859,12 @@ def bgproxy_command(
     env = {k: v for k, v in os.environ.items() if k != "BGPROXY_ADMIN_TOKEN"}
     exe = shutil.which("bgproxy")
     extra = [] if workers == 1 else ["--workers", str(workers)]
-    if exe and not _runs_this_checkout(exe):
-        # e.g. an editable install of another worktree: measure the code beside this file
-        log(f"{exe} does not run {REPO_ROOT}")
-        exe = None
-    if exe:
-        cmd = [*taskset(cpu), exe, "serve", "-c", str(conf), *extra]
-    else:
-        log(f"running `python -m proxy -c FILE` from {REPO_ROOT}")
-        cmd = [*taskset(cpu), sys.executable, "-m", "proxy", "-c", str(conf), *extra]
+    cmd = [*taskset(cpu), exe, "serve"] if exe else [*taskset(cpu), sys.executable, "-m", "proxy"]
+    cmd += ["-c", str(conf), *extra]
     # The checkout this benchmark runs from, not whichever one `pip install -e` points at
     # (the console script would import that one: a worktree would measure main's code).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return cmd, env
-
-
-def _runs_this_checkout(exe: str) -> bool:
-    """Whether the ``bgproxy`` on PATH imports the ``proxy`` package of this checkout."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", "import proxy; print(proxy.__file__)"],
-            capture_output=True, text=True, timeout=30, cwd="/", env=env,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return True
-    return out.stdout.strip().startswith(str(REPO_ROOT) + os.sep)
 
 
 def make_bgproxy(
