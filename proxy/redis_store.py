@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from proxy.redis_scripts import CAS, LEASE, RELEASE, SEED
 from proxy.state import (
     Event,
     GenerationMismatch,
@@ -55,42 +56,6 @@ log = logging.getLogger("bgproxy.redis")
 # What "Redis is not answering" looks like from redis-py and the socket layer.
 REDIS_DOWN = (RedisError, OSError, TimeoutError)
 
-# KEYS: state, events. ARGV: expected generation, new state, event, max events, channel,
-# the change message (state and event, for the other instances' listeners).
-# Returns {1, new} on success, {0, current} on a generation mismatch, {-1} when empty.
-_CAS = """
-local cur = redis.call('GET', KEYS[1])
-if not cur then return {-1} end
-if tonumber(cjson.decode(cur)['generation']) ~= tonumber(ARGV[1]) then return {0, cur} end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('LPUSH', KEYS[2], ARGV[3])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return {1, ARGV[2]}
-"""
-
-# KEYS: state. ARGV: candidate state, its generation, channel.
-# SET NX generalised to "newest wins": store the candidate when the key is missing or
-# holds an older generation. Returns {1, candidate} when stored, else {0, current}.
-_SEED = """
-local cur = redis.call('GET', KEYS[1])
-if cur and tonumber(cjson.decode(cur)['generation']) >= tonumber(ARGV[2]) then return {0, cur} end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[3], ARGV[1])
-return {1, ARGV[1]}
-"""
-
-# KEYS: lease. ARGV: owner, ttl ms. Take the lease when free, renew it when ours.
-_LEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-return 1
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def safe_url(url: str) -> str:
@@ -208,10 +173,10 @@ class RedisStateStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             decode_responses=True,
         )
-        self._cas = self._redis.register_script(_CAS)
-        self._seed_script = self._redis.register_script(_SEED)
-        self._lease_script = self._redis.register_script(_LEASE)
-        self._release_script = self._redis.register_script(_RELEASE)
+        self._cas = self._redis.register_script(CAS)
+        self._seed_script = self._redis.register_script(SEED)
+        self._lease_script = self._redis.register_script(LEASE)
+        self._release_script = self._redis.register_script(RELEASE)
         self._prefix = prefix
         # Until ``start`` loads the stored state, only metrics and /status read this seed:
         # the data plane starts after it (it never routes by config defaults).
@@ -487,7 +452,17 @@ class RedisStateStore:
         if raw is None or (stored is not None and stored.generation < self.snapshot().generation):
             await self._reseed()
         elif stored is not None:
-            self._apply(stored)
+            self._apply(stored, await self._event_for(stored))
+
+    async def _event_for(self, state: RoutingState) -> Event | None:
+        """The event that made ``state`` (pushed with it by the CAS script): a change learnt
+        by a resync, not pub/sub, reaches the listeners (rollback watch, hooks) with it."""
+        if state.generation > self._state.generation:
+            for raw in await self._redis.lrange(self._events_key, 0, 4):
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    if (event := decode_event(raw)).generation == state.generation:
+                        return event
+        return None
 
     # -- loops ---------------------------------------------------------------------------------
 
