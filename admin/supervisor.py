@@ -47,6 +47,11 @@ from proxy.tasks import Tasks
 
 log = logging.getLogger("bgproxy.workers")
 
+
+def _health_line(service: Service) -> bytes:
+    """The channel message with ``service``'s targets' health, whole."""
+    return encode_line({"t": "health", "svc": service.name, "targets": health_report(service)})
+
 # -- the supervisor side -------------------------------------------------------------------
 
 
@@ -239,7 +244,7 @@ class WorkerPool:
 
     def push_health(self, service: Service) -> None:
         """``service``'s targets' health, whole, to every worker (a flip, a reload)."""
-        line = encode_line({"t": "health", "svc": service.name, "targets": health_report(service)})
+        line = _health_line(service)
         for slot in self.slots:
             if slot.writer is not None and not slot.writer.is_closing():
                 slot.writer.write(line)
@@ -331,8 +336,7 @@ class WorkerPool:
         slot.proc, slot.writer = proc, writer
         for name, control in self.controls.items():
             # The worker serves once it has both: never on a stale "all healthy".
-            targets = health_report(control.service)
-            writer.write(encode_line({"t": "health", "svc": name, "targets": targets}))
+            writer.write(_health_line(control.service))
             state = control.store.snapshot().to_dict()
             writer.write(encode_line({"t": "state", "svc": name, "state": state}))
         try:

@@ -89,6 +89,6 @@ class ServiceTable:
                 if target.startswith(below):
                     return service
                 k = len(prefix)
-                if n >= k and target.startswith(prefix) and (n == k or target[k] == 63):
+                if target.startswith(prefix) and (n == k or target[k] == 63):
                     return service
         return self.default

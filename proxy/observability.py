@@ -18,7 +18,7 @@ from config import Config
 from config.observability import request_ids_on
 from proxy import _hotpath
 from proxy.accesslog import AccessLog
-from proxy.logformat import R_TRACE, _named
+from proxy.logformat import R_TRACE, REASONS, _named
 from proxy.router import Reason
 from proxy.tracing import RequestIds, Span, Tracer
 
@@ -76,9 +76,8 @@ class Observer:
             if on is not None
         )  # fmt: skip
         self._marks = tuple(b"\r\n" + n for n in self._names)
-        # The router's reasons as the log spells them.
-        self.reasons = {Reason.ACTIVE: "active", Reason.OVERRIDE: "override",
-                        Reason.WEIGHTED: "weight", Reason.STICKY: "sticky"}  # fmt: skip
+        # The router's reasons as the log spells them (one spelling: logformat's).
+        self.reasons = {r: REASONS[r.value] for r in Reason if r.value in REASONS}
 
     @property
     def active(self) -> bool:
