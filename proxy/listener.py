@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bgproxy.listener")
 
 
-
 # The compiled build reads plain requests (see _fast_request) without llhttp's callbacks;
 # interpreted, the callbacks are the cheaper way, so only llhttp runs there.
 _FAST = KIND == "compiled"
@@ -194,7 +193,9 @@ class ClientConnection(Dispatcher):
                     self.data_received(data[end + 4 :])  # pipelined: the usual way
                 return
         if phase == IDLE or phase == HEAD:
-            if b"\t" in data:  # memchr; a tab in a head is rare
+            # A tab in a head is rare. Not ``b"\t" in data``: a bytes operand is first tried
+            # as an int, and the TypeError raised and cleared costs ~2k instructions.
+            if data.find(b"\t") >= 0:
                 data = trim_te_ows(data)
             self.req.size += len(data)
         # Everything this read produces for the upstream goes out in one write, and only
