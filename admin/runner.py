@@ -27,6 +27,7 @@ from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from admin.rollout import RolloutDriver
 from admin.rollout_api import add_rollout_routes
+from admin.view import ProxyView
 from config import Config, ConfigError, ServiceConfig, load_config
 from config.tls import warnings as tls_warnings
 from proxy.edge import Edge, bind
@@ -77,7 +78,7 @@ def admin_token(config: Config, environ: dict[str, str] | None = None) -> str | 
 class Running:
     """A started proxy: what tests and the demo need to reach it."""
 
-    server: ProxyServer
+    view: ProxyView  # what the admin side reads: the server
     control: ControlPlane
     runner: web.AppRunner | None  # None in a worker: its supervisor serves the admin API
     admin: bool = True
@@ -89,6 +90,12 @@ class Running:
     acme: AcmeManager | None = None
     observer: Observer | None = None
     logged: set[Any] = field(default_factory=set)  # services whose events are logged
+
+    @property
+    def server(self) -> ProxyServer:
+        """The data plane."""
+        assert isinstance(self.view, ProxyServer), "no data plane in this process"
+        return self.view
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -265,7 +272,7 @@ def log_events(run: Running) -> None:
         if run.admin:
             service.store.add_listener(_event_listener(note))
             service.drain.on_done = note
-        if run.server.observer is not None or not run.admin:
+        if run.view.observer is not None or not run.admin:
             service.drain.on_handoff = note
 
 
@@ -352,15 +359,15 @@ def reload_config(run: Running, path: str) -> bool:
     except ConfigError as exc:
         log.error("reload rejected, keeping the running config:\n%s", exc)
         return False
-    if run.server.edge is not None:
-        run.server.edge.reload(config)  # certificates: a bad file keeps the ones in use
+    if run.view.edge is not None:
+        run.view.edge.reload(config)  # certificates: a bad file keeps the ones in use
     elif config.tls.listen is not None or config.proxy_protocol:
         log.warning("tls.listen and proxy_protocol apply at the next start, not on reload")
     for line in tls_warnings(config.tls):
         log.warning("%s", line)
-    added = {svc.name for svc in config.services} - set(run.server.services)
+    added = {svc.name for svc in config.services} - set(run.view.services)
     if not added:
-        run.server.apply_config(config)
+        run.view.apply_config(config)
         asyncio.get_running_loop().create_task(_follow_services(run), name="reload")
     else:  # a new service needs its store opened and loaded first
         asyncio.get_running_loop().create_task(_add_services(run, config, added), name="reload")
@@ -378,7 +385,7 @@ async def _add_services(run: Running, config: Config, names: set[str]) -> None:
     except StoreUnavailable as exc:
         log.error("reload: new services %s not started: %s", ", ".join(sorted(names)), exc)
         return
-    run.server.apply_config(config, stores)
+    run.view.apply_config(config, stores)
     await _follow_services(run)
 
 

@@ -537,7 +537,7 @@ async def supervise(config: Config, path: str, workers: int) -> int:
                 await stop.wait()
                 log.info("shutting down %d workers", workers)
                 control.ready = False
-                await pool.shutdown(run.server.config.drain.timeout)
+                await pool.shutdown(run.view.config.drain.timeout)
     finally:
         for sock in socks + tls_socks:
             sock.close()
@@ -557,17 +557,17 @@ def _reload(run: Running, path: str, pool: WorkerPool) -> None:
         names = [svc.name for svc in load_config(path).services]
     except ConfigError:
         names = []  # reload_config logs the errors
-    if names and names != list(run.server.services):
+    if names and names != list(run.view.services):
         log.error(
             "reload rejected, keeping the running config: with --workers the services "
             "cannot change (running %s, file has %s)",
-            ", ".join(run.server.services),
+            ", ".join(run.view.services),
             ", ".join(names),
         )
         return
     if reload_config(run, path):
         # The reloaded pools' health (kept targets' as they were, new ones healthy) before
         # the workers reload: each applies the last report it has to its new pools.
-        for service in run.server.services.values():
+        for service in run.view.services.values():
             pool.push_health(service)
         pool.signal_all(signal.SIGHUP)
