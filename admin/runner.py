@@ -27,7 +27,7 @@ from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from admin.rollout import RolloutDriver
 from admin.rollout_api import add_rollout_routes
-from admin.view import ProxyView
+from admin.view import ControlRuntime, ProxyView
 from config import Config, ConfigError, ServiceConfig, load_config
 from config.tls import warnings as tls_warnings
 from proxy.edge import Edge, bind
@@ -78,7 +78,7 @@ def admin_token(config: Config, environ: dict[str, str] | None = None) -> str | 
 class Running:
     """A started proxy: what tests and the demo need to reach it."""
 
-    view: ProxyView  # what the admin side reads: the server
+    view: ProxyView  # the server, or in a supervisor (--workers) its ControlRuntime
     control: ControlPlane
     runner: web.AppRunner | None  # None in a worker: its supervisor serves the admin API
     admin: bool = True
@@ -93,7 +93,7 @@ class Running:
 
     @property
     def server(self) -> ProxyServer:
-        """The data plane."""
+        """The data plane; a supervisor has none (its workers serve)."""
         assert isinstance(self.view, ProxyServer), "no data plane in this process"
         return self.view
 
@@ -135,10 +135,11 @@ async def running(
     The admin API comes up first so that ``/readyz`` answers 503 while a Redis store is
     awaited; the data plane starts once a routing state is loaded. A worker passes the
     ``stores`` its supervisor feeds, its listening ``sock`` and ``admin=False``; a
-    supervisor runs the admin API with ``data_plane=False`` (its workers serve) and
-    checks health for them: a worker passes ``health_checks=False``, and in
-    ``before_serving`` (called with the server once its services exist, before it accepts
-    a connection) applies its supervisor's health results.
+    supervisor runs the admin API with ``data_plane=False`` on a ``ControlRuntime``
+    instead of a server (its workers serve) and checks health for them: a worker passes
+    ``health_checks=False``, and in ``before_serving`` (called with the server once its
+    services exist, before it accepts a connection) applies its supervisor's health
+    results.
     """
     token = admin_token(config) if admin else None
     async with contextlib.AsyncExitStack() as stack:
@@ -148,13 +149,19 @@ async def running(
             stores = {
                 svc.name: await _open_store(store_stacks, config, svc) for svc in config.services
             }
-        server = ProxyServer(config, stores)
         # Closed after the server (the stack unwinds in reverse): the last requests' lines
         # and spans still go out.
         observer = _observer(config, data_plane)
         stack.push_async_callback(observer.close)
-        server.observer = observer if observer.active else None
-        control = ControlPlane(server, token)
+        active = observer if observer.active else None
+        server: ProxyServer | None = None
+        view: ProxyView
+        if data_plane:
+            view = server = ProxyServer(config, stores)
+            server.observer = active
+        else:
+            view = ControlRuntime(config, stores, active)
+        control = ControlPlane(view, token)
         control.observer = observer
         runner = None
         if admin:
@@ -171,23 +178,23 @@ async def running(
                 raise StartupError(
                     f"admin.listen: cannot listen on {listen}: {exc.strerror}"
                 ) from exc
-        stack.push_async_callback(server.close)
+        stack.push_async_callback(view.close)
         try:
             for store in stores.values():
                 await connect_store(store, config)
         except StoreUnavailable as exc:
             raise StartupError(f"state.redis_url: {exc}") from exc
-        if before_serving is not None:
-            before_serving(server)
-        if data_plane:
+        if server is not None:
+            if before_serving is not None:
+                before_serving(server)
             await _start_listeners(server, config, sock, tls_sock)
         # Health checks, gates and the rollback watch: closed first, in reverse, on exit.
         safety = contextlib.AsyncExitStack()
         checker = None
         if health_checks:
-            checker = await safety.enter_async_context(HealthChecker(server))
+            checker = await safety.enter_async_context(HealthChecker(view))
         run = Running(
-            server, control, runner, admin, safety, store_stacks, health=checker,
+            view, control, runner, admin, safety, store_stacks, health=checker,
             observer=observer,
         )  # fmt: skip
         log_events(run)
@@ -195,7 +202,7 @@ async def running(
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
             for svc_control in control.services.values():
                 await watch_service(run, svc_control)
-        if admin and data_plane and config.tls.acme.enabled:
+        if admin and server is not None and config.tls.acme.enabled:
             run.acme = await safety.enter_async_context(start_acme(server, config, acme_timing))
             control.acme = run.acme
         control.ready = True
