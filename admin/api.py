@@ -68,7 +68,7 @@ def _host_name(host: str) -> str:
 def _origin_middleware(cp: ControlPlane) -> Any:
     """DNS rebinding and CSRF: a loopback admin answers only loopback Host names, and a
     mutation from a browser must come from the admin's own origin."""
-    loopback = _is_loopback_host(cp.server.config.admin.listen.host)
+    loopback = _is_loopback_host(cp.view.config.admin.listen.host)
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -235,7 +235,7 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         return web.json_response(
             {
                 "services": [c.summary() for c in cp.services.values()],
-                "default_service": cp.server.config.default_service,
+                "default_service": cp.view.config.default_service,
             }
         )
 
@@ -326,7 +326,7 @@ def build_admin_app(cp: ControlPlane, max_body: int = 64 * 1024) -> web.Applicat
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        if cp.ready and not cp.server.stopping:
+        if cp.ready and not cp.view.stopping:
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready"}, status=503)
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from admin.fleet import Fleet, Identity, default_fleet
+from admin.view import ProxyView
 from config.tls import CertProblem, inspect_pair
 from proxy import _hotpath
-from proxy.server import ProxyServer
 from proxy.service import Service
 from proxy.state import (
     Color,
@@ -218,10 +218,11 @@ class ServiceControl:
 
 
 class ControlPlane:
-    """What the admin API acts on: every service's control, the token and readiness."""
+    """What the admin API acts on: every service's control, the token and readiness;
+    ``view`` is the process they run in (the server, or a supervisor's runtime)."""
 
-    def __init__(self, server: ProxyServer, token: str | None) -> None:
-        self.server = server
+    def __init__(self, view: ProxyView, token: str | None) -> None:
+        self.view = view
         self.token = token
         self.ready = False
         self.acme: Any = None  # proxy.acme.AcmeManager while tls.acme runs here
@@ -240,7 +241,7 @@ class ControlPlane:
         control; returns the controls that are new (the runner starts their watch)."""
         added = []
         current: dict[str, ServiceControl] = {}
-        for name, service in self.server.services.items():
+        for name, service in self.view.services.items():
             control = self.services.get(name)
             if control is None or control.service is not service:
                 control = ServiceControl(service, self.identity)
@@ -259,7 +260,7 @@ class ControlPlane:
             return control
         if len(self.services) == 1:
             return next(iter(self.services.values()))
-        default = self.server.config.default_service
+        default = self.view.config.default_service
         if default is not None and default in self.services:
             return self.services[default]
         raise ApiError(
@@ -272,11 +273,11 @@ class ControlPlane:
     def tls_status(self) -> dict[str, Any] | None:
         """``/status`` ``tls``: the certificates served, and this process's handshakes.
         A supervisor (``--workers``) serves none itself: it reads the files."""
-        edge = self.server.edge
+        edge = self.view.edge
         if edge is not None:
             status: dict[str, Any] = edge.status()
             return status
-        tls = self.server.config.tls
+        tls = self.view.config.tls
         if tls.listen is None:
             return None
         certificates = []

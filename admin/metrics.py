@@ -1,6 +1,7 @@
 """``GET /metrics``: Prometheus text built at scrape time from the live objects.
 
-The request path only bumps plain counters on ``ProxyServer``; this collector turns them,
+The request path only bumps plain counters on each ``Service`` (with ``--workers``, the
+supervisor's services hold its workers' sums: admin/view.py); this collector turns them,
 the pools' health and the current routing snapshot into metric families when Prometheus
 scrapes, so serving a request never touches prometheus-client. The registry is injected
 (``build_registry``), never the global one. Labels are bounded: color, status code,

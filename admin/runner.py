@@ -27,6 +27,7 @@ from admin.metrics import add_metrics_route, build_registry
 from admin.rollback import RollbackController
 from admin.rollout import RolloutDriver
 from admin.rollout_api import add_rollout_routes
+from admin.view import ControlRuntime, ProxyView
 from config import Config, ConfigError, ServiceConfig, load_config
 from config.tls import warnings as tls_warnings
 from proxy.edge import Edge, bind
@@ -77,7 +78,7 @@ def admin_token(config: Config, environ: dict[str, str] | None = None) -> str | 
 class Running:
     """A started proxy: what tests and the demo need to reach it."""
 
-    server: ProxyServer
+    view: ProxyView  # the server, or in a supervisor (--workers) its ControlRuntime
     control: ControlPlane
     runner: web.AppRunner | None  # None in a worker: its supervisor serves the admin API
     admin: bool = True
@@ -89,6 +90,12 @@ class Running:
     acme: AcmeManager | None = None
     observer: Observer | None = None
     logged: set[Any] = field(default_factory=set)  # services whose events are logged
+
+    @property
+    def server(self) -> ProxyServer:
+        """The data plane; a supervisor has none (its workers serve)."""
+        assert isinstance(self.view, ProxyServer), "no data plane in this process"
+        return self.view
 
     @property
     def proxy_address(self) -> tuple[str, int]:
@@ -128,10 +135,11 @@ async def running(
     The admin API comes up first so that ``/readyz`` answers 503 while a Redis store is
     awaited; the data plane starts once a routing state is loaded. A worker passes the
     ``stores`` its supervisor feeds, its listening ``sock`` and ``admin=False``; a
-    supervisor runs the admin API with ``data_plane=False`` (its workers serve) and
-    checks health for them: a worker passes ``health_checks=False``, and in
-    ``before_serving`` (called with the server once its services exist, before it accepts
-    a connection) applies its supervisor's health results.
+    supervisor runs the admin API with ``data_plane=False`` on a ``ControlRuntime``
+    instead of a server (its workers serve) and checks health for them: a worker passes
+    ``health_checks=False``, and in ``before_serving`` (called with the server once its
+    services exist, before it accepts a connection) applies its supervisor's health
+    results.
     """
     token = admin_token(config) if admin else None
     async with contextlib.AsyncExitStack() as stack:
@@ -141,13 +149,19 @@ async def running(
             stores = {
                 svc.name: await _open_store(store_stacks, config, svc) for svc in config.services
             }
-        server = ProxyServer(config, stores)
         # Closed after the server (the stack unwinds in reverse): the last requests' lines
         # and spans still go out.
         observer = _observer(config, data_plane)
         stack.push_async_callback(observer.close)
-        server.observer = observer if observer.active else None
-        control = ControlPlane(server, token)
+        active = observer if observer.active else None
+        server: ProxyServer | None = None
+        view: ProxyView
+        if data_plane:
+            view = server = ProxyServer(config, stores)
+            server.observer = active
+        else:
+            view = ControlRuntime(config, stores, active)
+        control = ControlPlane(view, token)
         control.observer = observer
         runner = None
         if admin:
@@ -164,23 +178,23 @@ async def running(
                 raise StartupError(
                     f"admin.listen: cannot listen on {listen}: {exc.strerror}"
                 ) from exc
-        stack.push_async_callback(server.close)
+        stack.push_async_callback(view.close)
         try:
             for store in stores.values():
                 await connect_store(store, config)
         except StoreUnavailable as exc:
             raise StartupError(f"state.redis_url: {exc}") from exc
-        if before_serving is not None:
-            before_serving(server)
-        if data_plane:
+        if server is not None:
+            if before_serving is not None:
+                before_serving(server)
             await _start_listeners(server, config, sock, tls_sock)
         # Health checks, gates and the rollback watch: closed first, in reverse, on exit.
         safety = contextlib.AsyncExitStack()
         checker = None
         if health_checks:
-            checker = await safety.enter_async_context(HealthChecker(server))
+            checker = await safety.enter_async_context(HealthChecker(view))
         run = Running(
-            server, control, runner, admin, safety, store_stacks, health=checker,
+            view, control, runner, admin, safety, store_stacks, health=checker,
             observer=observer,
         )  # fmt: skip
         log_events(run)
@@ -188,7 +202,7 @@ async def running(
         if admin:  # a worker's supervisor gates and watches, on the sum of its workers' traffic
             for svc_control in control.services.values():
                 await watch_service(run, svc_control)
-        if admin and data_plane and config.tls.acme.enabled:
+        if admin and server is not None and config.tls.acme.enabled:
             run.acme = await safety.enter_async_context(start_acme(server, config, acme_timing))
             control.acme = run.acme
         control.ready = True
@@ -265,7 +279,7 @@ def log_events(run: Running) -> None:
         if run.admin:
             service.store.add_listener(_event_listener(note))
             service.drain.on_done = note
-        if run.server.observer is not None or not run.admin:
+        if run.view.observer is not None or not run.admin:
             service.drain.on_handoff = note
 
 
@@ -352,15 +366,15 @@ def reload_config(run: Running, path: str) -> bool:
     except ConfigError as exc:
         log.error("reload rejected, keeping the running config:\n%s", exc)
         return False
-    if run.server.edge is not None:
-        run.server.edge.reload(config)  # certificates: a bad file keeps the ones in use
+    if run.view.edge is not None:
+        run.view.edge.reload(config)  # certificates: a bad file keeps the ones in use
     elif config.tls.listen is not None or config.proxy_protocol:
         log.warning("tls.listen and proxy_protocol apply at the next start, not on reload")
     for line in tls_warnings(config.tls):
         log.warning("%s", line)
-    added = {svc.name for svc in config.services} - set(run.server.services)
+    added = {svc.name for svc in config.services} - set(run.view.services)
     if not added:
-        run.server.apply_config(config)
+        run.view.apply_config(config)
         asyncio.get_running_loop().create_task(_follow_services(run), name="reload")
     else:  # a new service needs its store opened and loaded first
         asyncio.get_running_loop().create_task(_add_services(run, config, added), name="reload")
@@ -378,7 +392,7 @@ async def _add_services(run: Running, config: Config, names: set[str]) -> None:
     except StoreUnavailable as exc:
         log.error("reload: new services %s not started: %s", ", ".join(sorted(names)), exc)
         return
-    run.server.apply_config(config, stores)
+    run.view.apply_config(config, stores)
     await _follow_services(run)
 
 

@@ -25,6 +25,7 @@ from admin.runner import (
     reload_config,
     running,
 )
+from admin.view import ControlRuntime
 from admin.workers import (
     CHANNEL_LIMIT,
     START_TIMEOUT,
@@ -121,6 +122,7 @@ class WorkerPool:
     def __init__(
         self,
         run: Running,
+        runtime: ControlRuntime,
         config_path: str,
         socks: list[socket.socket],
         identity: Identity,
@@ -128,6 +130,7 @@ class WorkerPool:
         tls_socks: list[socket.socket] | None = None,
     ) -> None:
         self.run = run
+        self.runtime = runtime  # run's view: the services whose counters sum the workers'
         self.controls = dict(run.control.services)
         self.path = config_path
         self.identity = identity
@@ -364,7 +367,8 @@ class WorkerPool:
                 seen.acked = generation
                 seen.in_flight.update(report["in_flight"])
                 seen.websockets.update(report["websockets"])
-                self._merge_stats(name, seen, report.get("stats"))
+                if report.get("stats"):
+                    self.runtime.add_stats(name, seen.seen, report["stats"])
             for result, count in (msg.get("tls") or {}).items():
                 delta = int(count) - slot.tls_seen.get(result, 0)
                 slot.tls_seen[result] = int(count)
@@ -388,38 +392,11 @@ class WorkerPool:
 
     def _update_totals(self) -> None:
         live = [s for s in self.slots if s.proc is not None]
-        for name, control in self.controls.items():
+        for name in self.controls:
             seen = [s.services[name] for s in live]
             in_flight = {c: sum(r.in_flight[c.value] for r in seen) for c in COLORS}
             websockets = {c: sum(r.websockets[c.value] for r in seen) for c in COLORS}
-            control.service.mirror_counts(in_flight, websockets)
-
-    def _merge_stats(self, name: str, seen: SlotService, stats: dict[str, Any] | None) -> None:
-        """Add what a worker counted since its last report to the supervisor's counters."""
-        if not stats:
-            return
-        server, last = self.controls[name].service, seen.seen
-
-        def delta(key: tuple[str, ...], total: Any) -> Any:
-            before = last.get(key, 0)
-            last[key] = total
-            return total - before
-
-        for c, status, n in stats["responses"]:
-            server.add_responses(Color(c), int(status), delta(("r", c, str(status)), n))
-        for c, kind, n in stats["upstream_errors"]:
-            server.upstream_errors[Color(c), kind] += delta(("u", c, kind), n)
-        for c, n in stats["reconnects"].items():
-            server.drain.reconnects_sent[Color(c)] += delta(("w", c), n)
-        for c, (requests, errors, latency_sum, counts) in stats["traffic"].items():
-            t = server.traffic.colors[Color(c)]
-            t.requests += delta(("t", c, "requests"), requests)
-            t.errors += delta(("t", c, "errors"), errors)
-            t.latency_sum += delta(("t", c, "latency_sum"), latency_sum)
-            for i, n in enumerate(counts):
-                t.counts[i] += delta(("t", c, str(i)), n)
-        # The supervisor's data plane never runs its sweeper, which takes these samples.
-        server.traffic.sample(server.loop.time())
+            self.runtime.set_counts(name, in_flight, websockets)
 
     def _reply(self, slot: Slot, rid: Any, body: dict[str, Any]) -> None:
         if slot.writer is not None and not slot.writer.is_closing():
@@ -512,7 +489,9 @@ async def supervise(config: Config, path: str, workers: int) -> int:
         async with running(config, data_plane=False) as run:
             control = run.control
             control.ready = False  # until every worker serves
-            pool = WorkerPool(run, path, socks, control.identity, tls_socks=tls_socks)
+            runtime = run.view
+            assert isinstance(runtime, ControlRuntime)  # data_plane=False: no ProxyServer
+            pool = WorkerPool(run, runtime, path, socks, control.identity, tls_socks=tls_socks)
             async with pool:
                 for name, svc_control in control.services.items():
                     svc_control.fleet = WorkerFleet(pool, svc_control.fleet, name)
@@ -537,7 +516,7 @@ async def supervise(config: Config, path: str, workers: int) -> int:
                 await stop.wait()
                 log.info("shutting down %d workers", workers)
                 control.ready = False
-                await pool.shutdown(run.server.config.drain.timeout)
+                await pool.shutdown(runtime.config.drain.timeout)
     finally:
         for sock in socks + tls_socks:
             sock.close()
@@ -557,17 +536,17 @@ def _reload(run: Running, path: str, pool: WorkerPool) -> None:
         names = [svc.name for svc in load_config(path).services]
     except ConfigError:
         names = []  # reload_config logs the errors
-    if names and names != list(run.server.services):
+    if names and names != list(run.view.services):
         log.error(
             "reload rejected, keeping the running config: with --workers the services "
             "cannot change (running %s, file has %s)",
-            ", ".join(run.server.services),
+            ", ".join(run.view.services),
             ", ".join(names),
         )
         return
     if reload_config(run, path):
         # The reloaded pools' health (kept targets' as they were, new ones healthy) before
         # the workers reload: each applies the last report it has to its new pools.
-        for service in run.server.services.values():
+        for service in run.view.services.values():
             pool.push_health(service)
         pool.signal_all(signal.SIGHUP)

@@ -14,7 +14,9 @@ With ``--workers`` the supervisor runs the only checker of the process tree and 
 each service's ``health_report`` to its workers whenever a target flips (listeners of
 ``HealthChecker``), and whole at a worker's start and after a reload; a worker runs no
 checker, sets its pools' stats from the pushes (``apply_health``) and sends its connect
-failures to the supervisor to count (``ProxyServer.send_connect_failure``).
+failures to the supervisor to count (``ProxyServer.send_connect_failure``). The checker
+reads only the services of what it checks for (``Checked``): the serving process's
+``ProxyServer``, or a supervisor's runtime, which serves nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -33,16 +35,22 @@ from proxy.tasks import cancel_and_wait
 from proxy.upstream_tls import aiohttp_tls_failure, request_options
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyServer
     from proxy.service import Service
 
 log = logging.getLogger("bgproxy.health")
 
 
+class Checked(Protocol):
+    """What the checker reads of its process, anew each round (a reload's services)."""
+
+    @property
+    def services(self) -> dict[str, Service]: ...
+
+
 class HealthChecker:
     """The periodic check loop: an async context manager owning its session and task."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: Checked) -> None:
         self.server = server
         self.rounds = 0
         self._due: dict[str, float] = {}  # service -> loop time of its next round

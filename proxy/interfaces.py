@@ -96,7 +96,8 @@ class UpstreamConnections(Protocol):
 
 
 class Runtime(Protocol):
-    """What a service uses of the process's data-plane runtime (``ProxyServer``)."""
+    """What a service uses of the process's runtime: the ``ProxyServer``, or a
+    ``--workers`` supervisor's ``ControlRuntime`` (admin/view.py), which serves nothing."""
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop: ...

@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from config import Config
+from proxy.catalog import build_services, service_table
 from proxy.hosts import ServiceTable
 from proxy.http1 import assert_c_parser
 from proxy.phases import IDLE
@@ -201,30 +202,15 @@ class ProxyServer:
     # -- reload ---------------------------------------------------------------------------
 
     def apply_config(self, config: Config, stores: dict[str, StateStore] | None = None) -> None:
-        """Swap services, pools, timeouts and the rest; the routing state, counters and
-        connections of every kept service stay. A new service needs its store in
-        ``stores``; a removed one's requests in flight finish on the objects they hold."""
-        stores = stores or {}
-        gone: set[str] = set()
-        services: dict[str, Service] = {}
-        for svc_config in config.services:
-            settings = build_settings(config, svc_config)
-            svc = self.services.get(svc_config.name)
-            if svc is None:
-                svc = Service(self, svc_config, settings, stores[svc_config.name])
-            else:
-                gone |= svc.apply_config(svc_config, settings)
-            services[svc.name] = svc
-        for name, svc in self.services.items():
-            if name not in services:
-                gone |= svc.urls()
+        """Swap services (proxy/catalog.py), pools, timeouts and the rest; the routing
+        state, counters and connections of every kept service stay. A new service needs
+        its store in ``stores``; a removed one's requests in flight finish on the objects
+        they hold."""
+        services, gone = build_services(self, self.services, config, stores)
         self.config = config
         self.settings = build_settings(config)
         self.services = services
-        default = services[config.default_service] if config.default_service else None
-        self.table = ServiceTable(
-            ((svc, svc.config.hosts, svc.config.paths) for svc in services.values()), default
-        )
+        self.table = service_table(config, services)
         self.cpool.connect_timeout = config.timeouts.connect
         self.cpool.keepalive = config.timeouts.upstream_keepalive
         still = {u for svc in services.values() for u in svc.urls()}

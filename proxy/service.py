@@ -6,9 +6,11 @@ counts, traffic counters, the drain and the WebSocket handoff. The request path 
 it once per request (``ServiceTable.match``) and then only calls its counters, which are
 C calls in the compiled build (service.pxd).
 
-A ``Service`` knows its runtime (the ``ProxyServer``) only through the ``Runtime``
-protocol (proxy/interfaces.py): the clock, the task spawner, the connections and the
-upstream connection pool. It never imports the server, so the modules form no cycle.
+A ``Service`` knows its runtime (the ``ProxyServer``, or in a ``--workers`` supervisor,
+which serves nothing, its ``ControlRuntime``) only through the ``Runtime`` protocol
+(proxy/interfaces.py): the clock, the task spawner, the connections and the upstream
+connection pool. It never imports the server, so the modules form no cycle. Both build
+their services with ``proxy.catalog.build_services``.
 """
 
 from __future__ import annotations
