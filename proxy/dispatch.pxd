@@ -17,7 +17,7 @@ cdef class Dispatcher(Exchange):
     cdef _dispatch(self, Request req)
     @cython.locals(is_upgrade=bint, service=Service, value=bytes, override=bytes, sticky=bytes,
                    token=bytes, cl=bytes, roll=double,
-                   decision=Decision)
+                   decision=Decision, pool=Pool)
     cdef _route_and_send(self, Request req, bint upgrade)
     cdef _take_observed(self, Request req, observer, bint trusted)
     cdef _observe(self, observer, Request req)

@@ -137,7 +137,8 @@ class Dispatcher(Exchange):
             # response (what follows the head is not HTTP): the response must say so.
             self.closing = True
         self._upgrade = is_upgrade
-        upstream = service.pools[color].pick()
+        pool = service.pools[color]
+        upstream = pool.pick()  # a C call: pool is typed in dispatch.pxd
         observer = self.server.observer
         if observer is not None:
             self._observe(observer, req)
