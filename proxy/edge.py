@@ -250,10 +250,12 @@ class EdgeListener:
         """Shake hands on ``sock`` (its own now), then serve it; counted in ``shaken``."""
         try:
             transport = TlsSocketTransport(self.loop, sock, peer, context, factory, self)
-        except BaseException:
+        except (OSError, ValueError) as exc:  # OpenSSL refused a new connection object
             self.pending -= 1
+            self.edge.handshakes["failed"] += 1
             sock.close()
-            raise
+            log.debug("connection closed before serving (tls): %r", exc)
+            return
         self._shaking[transport] = deadline
         if self._timer is None:
             self._timer = self.loop.call_at(deadline, self._expire)
