@@ -336,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         help="count a peer instead: the bare relay (fdtls: TLS on the socket) or nginx",
     )
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--keep",
+        type=Path,
+        help="work in this directory and keep it: callgrind's output files for callgrind_annotate",
+    )
     args = p.parse_args(argv)
     if args.target == "fdtls":
         args.tls = True
@@ -348,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     servers = Servers()
     rows = []
     results = {}
-    with tempfile.TemporaryDirectory(prefix="bench_icount_") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    keep = contextlib.nullcontext(str(args.keep.resolve())) if args.keep else None
+    with keep or tempfile.TemporaryDirectory(prefix="bench_icount_") as tmp:
         base = Path(tmp)
         try:
             nginx = which("nginx")
@@ -428,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         ratio = results["compiled"]["per_request"] / results["python"]["per_request"]
         print(f"\ncompiled/python instructions per request: {ratio:.2f}")
     if args.json:
-        write_json(args.json, {"env": env_info(), "args": vars(args) | {"json": None}, **results})
+        write_json(
+            args.json,
+            {"env": env_info(), "args": vars(args) | {"json": None, "keep": None}, **results},
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ of the bytes; ``peek_alpn`` does the waiting.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import socket
@@ -110,7 +111,7 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def peek_alpn(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[str, ...]:
+async def peek_alpn(loop: asyncio.AbstractEventLoop, sock: _socket.socket) -> tuple[str, ...]:
     """What the ClientHello waiting on ``sock`` offers by ALPN, leaving it unread; ()
     for anything that is not a ClientHello (the handshake then fails on its own).
     Raises EOFError if the peer closes first; the caller bounds the wait."""

@@ -24,6 +24,7 @@ by uvloop in C, no Python between accept and request).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import errno
@@ -42,7 +43,7 @@ from proxy.listener import ClientConnection
 from proxy.phases import CLOSED
 from proxy.proxyproto import ProxyHeader, ProxyHeaderError, needed, parse
 from proxy.settings import Settings
-from proxy.tlsfd import TlsSocketTransport, handshake
+from proxy.tlsfd import RawSocket, TlsSocketTransport
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -119,11 +120,9 @@ class EdgeConnection(ClientConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self._tls:  # asyncio calls this once the handshake is done
-            sslobj = transport.get_extra_info("ssl_object")
-            if sslobj is not None:
-                self._tls_version = sslobj.version()
-                self._sni = getattr(sslobj, "bg_server_name", None)
+        if self._tls:  # TlsSocketTransport calls this once the handshake is done
+            self._tls_version = transport.get_extra_info("ssl_object").version()
+            self._sni = transport.bg_server_name  # type: ignore[attr-defined]
         client = self._proxied
         if client is not None:  # from the PROXY header: X-Forwarded-For and stickiness use it
             self.peer = client
@@ -148,7 +147,16 @@ class EdgeConnection(ClientConnection):
 
 class EdgeListener:
     """Accepts on one listening socket in Python: PROXY header, then TLS or plain HTTP.
-    Looks like an ``asyncio.Server`` to ``ProxyServer`` (close, wait_closed, sockets)."""
+    Looks like an ``asyncio.Server`` to ``ProxyServer`` (close, wait_closed, sockets).
+
+    A TLS connection with nothing to read first (no PROXY header, no ACME challenge up)
+    goes straight from the accept to its handshake on the transport's callbacks: no task
+    and no timer of its own. Every handshake in progress is in ``_shaking`` (in accept
+    order, with its deadline), under one timer for the oldest: the deadlines come in the
+    order of the accepts, so the timer fires about once per ``tls.handshake_timeout``
+    while handshakes finish in time. (After a reload shortens the timeout, or behind a
+    PROXY header read first, a handshake may wait for an older one's deadline: late by
+    at most the old timeout or the time the header took, never early.)"""
 
     def __init__(self, edge: Edge, sock: socket.socket, tls: bool) -> None:
         self.edge = edge
@@ -157,6 +165,11 @@ class EdgeListener:
         self.loop = edge.server.loop
         self.pending = 0  # connections reading a PROXY header or shaking hands
         self._closed = False
+        self._family = int(sock.family)
+        self._shaking: dict[TlsSocketTransport, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        # A connection without a PROXY header: the same protocol factory for all.
+        self._factory = functools.partial(EdgeConnection, edge, None, tls, edge.server)
         sock.setblocking(False)
 
     @property
@@ -173,14 +186,23 @@ class EdgeListener:
             self.sock.close()
 
     async def wait_closed(self) -> None:
-        return None
+        """The server stops: handshakes still in progress are dropped."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        shaking, self._shaking = self._shaking, {}
+        self.pending -= len(shaking)
+        for transport in shaking:
+            transport.abort()
 
     def _accept(self) -> None:
         edge = self.edge
         server = edge.server
+        settings: Settings = server.settings
+        accept = self.sock._accept  # type: ignore[attr-defined]  # (fd, address): no socket.socket
         for _ in range(_ACCEPT_BATCH):
             try:
-                sock, addr = self.sock.accept()
+                fd, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -190,8 +212,8 @@ class EdgeListener:
                     self.loop.remove_reader(self.sock.fileno())
                     self.loop.call_later(1.0, self._resume)
                 return
+            sock = RawSocket(self._family, socket.SOCK_STREAM, 0, fd)
             peer = addr[0] if isinstance(addr, tuple) else ""
-            settings: Settings = server.settings
             if edge.proxy_protocol and not settings.is_trusted(peer):
                 sock.close()  # a PROXY header from anyone else would be a forged address
                 continue
@@ -205,19 +227,75 @@ class EdgeListener:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.pending += 1
-            server.spawn(self._admit(sock), name="tls-accept" if self.tls else "proxy-accept")
+            if self.tls and not edge.proxy_protocol and not edge.certs.has_challenges:
+                deadline = self.loop.time() + edge.handshake_timeout
+                self._handshake(sock, addr, edge.certs.context, self._factory, deadline)
+            else:
+                server.spawn(self._admit(sock), name="tls-accept" if self.tls else "proxy-accept")
 
     def _resume(self) -> None:
         if not self._closed:
             self.loop.add_reader(self.sock.fileno(), self._accept)
 
-    async def _admit(self, sock: socket.socket) -> None:
+    # -- TLS handshakes --------------------------------------------------------------------
+
+    def _handshake(
+        self,
+        sock: RawSocket,
+        peer: Any,
+        context: ssl.SSLContext,
+        factory: Callable[[], Any],
+        deadline: float,
+    ) -> None:
+        """Shake hands on ``sock`` (its own now), then serve it; counted in ``shaken``."""
+        try:
+            transport = TlsSocketTransport(self.loop, sock, peer, context, factory, self)
+        except (OSError, ValueError) as exc:  # OpenSSL refused a new connection object
+            self.pending -= 1
+            self.edge.handshakes["failed"] += 1
+            sock.close()
+            log.debug("connection closed before serving (tls): %r", exc)
+            return
+        self._shaking[transport] = deadline
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._expire)
+        transport.start()
+
+    def shaken(self, transport: TlsSocketTransport, exc: Exception | None) -> None:
+        """From the transport: its handshake is done (``exc`` None) or failed."""
+        del self._shaking[transport]
+        self.pending -= 1
+        if exc is None:
+            self.edge.handshakes["ok"] += 1
+        else:
+            self.edge.handshakes["failed"] += 1
+            log.debug("connection closed before serving (tls): %r", exc)
+
+    def _expire(self) -> None:
+        """The timer: drop the handshakes past their deadline, wait for the next one."""
+        self._timer = None
+        shaking = self._shaking
+        now = self.loop.time()
+        late = []
+        for transport, deadline in shaking.items():
+            if deadline > now:
+                self._timer = self.loop.call_at(deadline, self._expire)
+                break
+            late.append(transport)
+        for transport in late:
+            del shaking[transport]
+            self.pending -= 1
+            self.edge.handshakes["timeout"] += 1
+            transport.abort()
+
+    async def _admit(self, sock: RawSocket) -> None:
+        """What comes before the handshake or the plain protocol: the PROXY header, and
+        while an ACME challenge is up, the ALPN offer of the ClientHello."""
         edge = self.edge
         loop = self.loop
         budget = edge.handshake_timeout if self.tls else edge.server.settings.request_header_timeout
         deadline = loop.time() + budget
         handed = False
-        phase = "proxy"
         try:
             client = None
             if edge.proxy_protocol:
@@ -232,47 +310,41 @@ class EdgeListener:
                     offer = await peek_alpn(loop, sock)
                 if ACME_TLS_ALPN in offer:
                     context = edge.certs.challenge_context
-            factory = cast(
-                "Callable[[], asyncio.Protocol]",
-                functools.partial(EdgeConnection, edge, client, self.tls, edge.server),
-            )
-            phase = "tls"
+            factory = functools.partial(EdgeConnection, edge, client, self.tls, edge.server)
+            handed = True
             if self.tls:
-                # OpenSSL on the socket itself (proxy/tlsfd.py), not the loop's memory BIOs.
-                tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                handed = True  # the SSLSocket has the fd now
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await handshake(loop, tls)
-                except BaseException:
-                    tls.close()
-                    raise
-                edge.handshakes["ok"] += 1
-                TlsSocketTransport(loop, tls, factory()).start()
-            else:
-                handed = True
-                await loop.connect_accepted_socket(factory, sock)
+                # OpenSSL on the socket itself (proxy/tlsfd.py), not the loop's memory BIOs;
+                # still ``pending``, now counted down by ``shaken`` or ``_expire``.
+                self._handshake(sock, _peername(sock), context, factory, deadline)
+                return
+            self.pending -= 1
+            plain = socket.socket(self._family, socket.SOCK_STREAM, 0, sock.detach())
+            await loop.connect_accepted_socket(
+                cast("Callable[[], asyncio.Protocol]", factory), plain
+            )
         except asyncio.CancelledError:
             raise
         except ProxyHeaderError as exc:
             log.debug("closing a connection with a bad PROXY header: %s", exc)
-        except (TimeoutError, OSError, ssl.SSLError, EOFError) as exc:
+        except (TimeoutError, OSError, EOFError) as exc:
             if self.tls:
-                # The loop's handshake timer aborts with ConnectionAbortedError; only a
-                # passed deadline tells it from other aborts (a busy loop reports a bad
-                # ClientHello late, so time alone would misfile it).
-                late = isinstance(exc, TimeoutError) or (
-                    isinstance(exc, ConnectionAbortedError) and loop.time() >= deadline - 0.01
-                )
+                late = isinstance(exc, TimeoutError)
                 edge.handshakes["timeout" if late else "failed"] += 1
-            log.debug("connection closed before serving (%s): %r", phase, exc)
+            log.debug("connection closed before serving (proxy): %r", exc)
         finally:
-            self.pending -= 1
             if not handed:
+                self.pending -= 1
                 sock.close()
 
 
-async def read_proxy_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> ProxyHeader:
+def _peername(sock: RawSocket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+
+
+async def read_proxy_header(loop: asyncio.AbstractEventLoop, sock: _socket.socket) -> ProxyHeader:
     """Read a PROXY header off ``sock`` and consume exactly its bytes: what follows stays
     in the socket for TLS or HTTP. Raises ProxyHeaderError, or EOFError if the peer
     closes first."""

@@ -127,9 +127,12 @@ def _pxd_classes(pxd: Path) -> dict[str, tuple[str | None, set[str]]]:
         elif current and line and not line[0].isspace() and not line.startswith("#"):
             current = None
         elif current:
-            attr = re.match(r"\s+cdef public (?:\w+ )+(\w+)\s*$", line)
+            # __weakref__ is the one slot Cython refuses to make public.
+            attr = re.match(
+                r"\s+cdef (?:public (?:\w+ )+(\w+)|object (__weakref__))\s*(#.*)?$", line
+            )
             if attr:
-                classes[current][1].add(attr[1])
+                classes[current][1].add(attr[1] or attr[2])
     return classes
 
 

@@ -6,11 +6,15 @@ what a client sees when the socket, not the proxy, sets the pace.
 - An upload larger than a TLS record arrives whole, record after record.
 - Many keep-alive requests on one connection, and a new connection per request, all
   answered.
+- Handshakes share one deadline timer, yet each stalled one gets its whole
+  ``tls.handshake_timeout``: not cut short by an older one's deadline, not kept past
+  its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -86,3 +90,35 @@ async def test_keep_alive_and_new_connections_are_all_answered(
         assert resp.status == 200
         assert await asyncio.wait_for(reader.read(), 5) == b""  # the proxy closed it
         writer.close()
+
+
+async def test_each_stalled_handshake_gets_its_whole_timeout(
+    upstreams: dict[str, Upstream], start_proxy: StartProxy, ca: TestCA
+) -> None:
+    proxy = await tls_proxy(
+        start_proxy, upstreams, ca.issue("shop.example.com"), handshake_timeout="1s"
+    )
+    host, port = proxy.run.tls_address
+    request = b"GET /k HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n"
+
+    async def stall() -> float:  # half a ClientHello, then nothing
+        reader, writer = await asyncio.open_connection(host, port)
+        started = time.monotonic()
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return time.monotonic() - started
+
+    first = asyncio.create_task(stall())
+    # A handshake that completes while the first one waits, then a second stall that
+    # starts well after the first: the timer armed for the first must not close it.
+    async with tls_connection(proxy, ca, "shop.example.com") as (reader, writer):
+        writer.write(request)
+        assert (await read_response(reader)).status == 200
+    await asyncio.sleep(0.5)  # the scenario's spacing, not a wait for readiness
+    second = await stall()
+    assert 0.9 < await first < 2.5
+    assert 0.9 < second < 2.5
+    assert proxy.run.server.edge.tls_listener.pending == 0
+    assert proxy.run.server.edge.handshakes == {"ok": 1, "failed": 0, "timeout": 2}
