@@ -24,6 +24,7 @@ cdef class TlsSocketTransport:
     cdef public object _sslobj
 
     cdef _handshake(self)
+    cdef _shake_on(self, bint readable)
     cdef _start_reading(self)
     cdef _stop_reading(self)
     cdef _shutdown(self)

@@ -112,33 +112,36 @@ class TlsSocketTransport:
         self._handshake()
 
     def _handshake(self) -> None:
-        loop = self._loop
         try:
             self._sslobj.do_handshake()
         except _WANT_READ:
-            if not self._reading:  # it was waiting for the socket to drain
-                loop.remove_writer(self._fd)
-                self._reading = True
-                loop.add_reader(self._fd, self._readable)
+            self._shake_on(True)
             return
         except _WANT_WRITE:
-            if self._reading:
-                self._reading = False
-                loop.remove_reader(self._fd)
-                loop.add_writer(self._fd, self._writable)
+            self._shake_on(False)
             return
         except _FAILED as exc:
             self._owner.shaken(self, exc)
             self._teardown(None)
             return
         self._owner.shaken(self, None)
-        if not self._reading:
-            loop.remove_writer(self._fd)
-            self._reading = True
-            loop.add_reader(self._fd, self._readable)
+        self._shake_on(True)  # the protocol reads on the same callback
         protocol = self._protocol = self._factory()
         self._factory = None
         protocol.connection_made(self)  # may pause reading or close: both stop the reader
+
+    def _shake_on(self, readable: bool) -> None:
+        """Wait on the socket's readable (True) or writable side; only one is watched."""
+        if self._reading == readable:
+            return
+        loop = self._loop
+        self._reading = readable
+        if readable:
+            loop.remove_writer(self._fd)
+            loop.add_reader(self._fd, self._readable)
+        else:
+            loop.remove_reader(self._fd)
+            loop.add_writer(self._fd, self._writable)
 
     # -- reading -------------------------------------------------------------------------
 
